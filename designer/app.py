@@ -1,0 +1,37 @@
+"""The Flask application factory. Nothing is built at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+from flask_socketio import SocketIO
+
+from designer import security
+from designer.resources import resource_dir
+from designer.state import BackboneStore
+from designer.views import bp
+from engine import DEFAULT_SOURCE
+
+DEFAULTS: dict[str, Any] = {
+    "BACKBONE": DEFAULT_SOURCE,
+    "WORKSPACE": str(Path.home() / ".delta-designer"),
+    "TOKEN": None,
+}
+
+
+def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
+    """Build the designer app and its Socket.IO server from ``config`` (see :data:`DEFAULTS`)."""
+    app = Flask(
+        __name__,
+        template_folder=str(resource_dir("templates")),
+        static_folder=str(resource_dir("static")),
+    )
+    app.config.update(DEFAULTS)
+    app.config.update(config or {})
+    app.extensions["delta_designer"] = BackboneStore(app.config["BACKBONE"])
+    security.install(app)
+    app.register_blueprint(bp)
+    socketio = SocketIO(app, async_mode="threading")  # same-origin only by default
+    return app, socketio
