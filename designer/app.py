@@ -12,7 +12,7 @@ from designer import security
 from designer.resources import resource_dir
 from designer.state import BackboneStore
 from designer.views import bp
-from engine import DEFAULT_SOURCE
+from engine import DEFAULT_SOURCE, human_count
 
 DEFAULTS: dict[str, Any] = {
     "BACKBONE": DEFAULT_SOURCE,
@@ -31,6 +31,8 @@ def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     app.config.update(DEFAULTS)
     app.config.update(config or {})
     app.extensions["delta_designer"] = BackboneStore(app.config["BACKBONE"])
+    app.jinja_env.filters["human_count"] = human_count
+    app.jinja_env.filters["thousands"] = "{:,}".format
     security.install(app)
     app.register_blueprint(bp)
     socketio = SocketIO(app, async_mode="threading")  # same-origin only by default

@@ -8,7 +8,7 @@ from flask import Blueprint, Response, current_app, jsonify, render_template, se
 from werkzeug.exceptions import HTTPException
 
 from designer.resources import socketio_client_dir
-from engine import DeltaError, human_count
+from engine import DeltaError
 
 bp = Blueprint("designer", __name__)
 
@@ -24,7 +24,6 @@ def index() -> str:
         "index.html",
         backbone=loaded.summary(),
         root=loaded.collapsed.root,
-        human_count=human_count,
     )
 
 

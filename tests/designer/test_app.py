@@ -1,0 +1,97 @@
+import re
+
+import pytest
+
+from designer.app import create_app
+from designer.security import CONTENT_SECURITY_POLICY, is_loopback
+from tests.designer.evil_models import EVIL_NAME
+
+
+@pytest.fixture()
+def client():
+    app, _ = create_app({"BACKBONE": "catalog:gpt2"})
+    return app.test_client()
+
+
+def test_nothing_is_loaded_until_first_request():
+    app, socketio = create_app({"BACKBONE": "catalog:gpt2"})
+    assert app.extensions["delta_designer"]._loaded is None
+    assert socketio is not None
+
+
+def test_page_renders_the_collapsed_tree_with_node_paths(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert 'data-node-path="transformer.h.*.attn.c_attn"' in html
+    assert 'data-node-path="transformer.h.0.attn.c_attn"' not in html  # folded
+    assert "0-11 ×12" in html
+    assert 'data-backbone-parameters="124439808"' in html
+
+
+def test_page_has_a_strict_csp_and_no_inline_script(client):
+    response = client.get("/")
+    assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+    assert "script-src 'self'" in CONTENT_SECURITY_POLICY
+    assert "unsafe-inline" not in CONTENT_SECURITY_POLICY
+    html = response.get_data(as_text=True)
+    for tag in re.findall(r"<script[^>]*>", html):
+        assert "src=" in tag, tag
+    assert re.search(r"<script[^>]*>\s*[^<\s]", html) is None  # no inline script bodies
+    assert re.search(r"\son[a-z]+\s*=", html) is None  # no inline event handlers
+
+
+def test_api_tree_and_health(client):
+    assert client.get("/api/health").get_json() == {"status": "ok"}
+    payload = client.get("/api/tree").get_json()
+    assert payload["backbone"]["class_name"] == "GPT2LMHeadModel"
+    assert payload["backbone"]["is_meta"] is True
+    assert payload["tree"]["total_parameters"] == 124_439_808
+
+
+def test_socketio_client_is_served_from_node_modules(client):
+    response = client.get("/vendor/socket.io/socket.io.esm.min.js")
+    assert response.status_code == 200
+    assert b"io" in response.data[:2000] or len(response.data) > 10_000
+
+
+def test_module_names_are_escaped():
+    app, _ = create_app({"BACKBONE": "python:tests.designer.evil_models:evil"})
+    html = app.test_client().get("/").get_data(as_text=True)
+    assert EVIL_NAME not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_token_is_required_when_set():
+    app, _ = create_app({"BACKBONE": "catalog:gpt2", "TOKEN": "s3cret"})
+    client = app.test_client()
+    denied = client.get("/api/health")
+    assert denied.status_code == 403
+    assert "access token" in denied.get_json()["error"]
+    assert client.get("/api/health?token=wrong").status_code == 403
+    assert client.get("/api/health?token=s3cret").status_code == 200
+    assert client.get("/api/health").status_code == 200  # the cookie set above
+    assert app.test_client().get(
+        "/api/health", headers={"X-Delta-Designer-Token": "s3cret"}
+    ).status_code == 200
+
+
+def test_unknown_route_is_a_json_404(client):
+    response = client.get("/api/nothing")
+    assert response.status_code == 404 and "error" in response.get_json()
+
+
+def test_a_backbone_that_fails_to_load_is_a_clear_400():
+    app, _ = create_app({"BACKBONE": "catalog:nope"})
+    response = app.test_client().get("/api/tree")
+    assert response.status_code == 400
+    assert "unknown catalog shape 'nope'" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [("127.0.0.1", True), ("127.8.0.1", True), ("::1", True), ("localhost", True),
+     ("0.0.0.0", False), ("192.168.1.4", False), ("example.org", False)],
+)
+def test_loopback_detection(host, loopback):
+    assert is_loopback(host) is loopback

@@ -1,0 +1,81 @@
+"""Browser-test fixtures: a real designer server on a free loopback port, and Debian's Chromium.
+
+The server is the CLI itself (what ``make run`` starts), in a subprocess. Playwright drives the
+system Chromium; ``playwright install`` is never needed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-results"
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get)")
+    return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(backbone: str, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Run ``delta-designer serve`` and wait until it answers /api/health."""
+    port = free_port()
+    command = [sys.executable, "-m", "designer.cli", "serve", "--port", str(port),
+               "--backbone", backbone, *(extra or [])]
+    log = open(ARTIFACTS.joinpath(f"server-{port}.log"), "w")  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"designer server exited with {process.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"designer server did not answer within 120 s; see {log.name}")
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[str]:
+    """The designer on the embedded default backbone, as `make run` serves it."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    process, url = start_server("minilm")
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
