@@ -11,7 +11,11 @@ from engine.backbones import (
     list_architectures,
     load_backbone,
 )
+from engine.auto import AutoDeltaConfig, AutoDeltaModel
 from engine.catalog import CATALOG, CatalogEntry
+from engine.config import DeltaConfig
+from engine.delta import DeltaBase, DeltaModule
+from engine.design import AppliedDesign, Design, DesignMismatchError
 from engine.errors import (
     AddressingError,
     BackboneError,
@@ -27,11 +31,39 @@ from engine.errors import (
     UnknownBackboneError,
     UnknownPathError,
 )
+from engine.methods import REGISTRY, method_for, register, registered_methods
+from engine.methods.adapter import AdapterConfig, AdapterModel
+from engine.methods.bitfit import BitFitConfig, BitFitModel
+from engine.methods.lora import LoraConfig, LoraModel
+from engine.methods.prefix import PrefixConfig, PrefixModel
+from engine.routing import Route, attach_route
 from engine.tree import ModuleTree, TreeNode, format_indices, parse_indices
 from engine.visualize import Visualization, human_count
 
 __all__ = [
     "CATALOG",
+    "REGISTRY",
+    "AdapterConfig",
+    "AdapterModel",
+    "AppliedDesign",
+    "AutoDeltaConfig",
+    "AutoDeltaModel",
+    "BitFitConfig",
+    "BitFitModel",
+    "DeltaBase",
+    "DeltaConfig",
+    "DeltaModule",
+    "Design",
+    "DesignMismatchError",
+    "LoraConfig",
+    "LoraModel",
+    "PrefixConfig",
+    "PrefixModel",
+    "Route",
+    "attach_route",
+    "method_for",
+    "register",
+    "registered_methods",
     "DEFAULT_SOURCE",
     "AddressingError",
     "Backbone",

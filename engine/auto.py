@@ -1,0 +1,52 @@
+"""AutoDeltaConfig / AutoDeltaModel: pick the method class from ``delta_type``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from engine.config import DeltaConfig
+from engine.delta import DeltaBase
+from engine.errors import ConfigError
+from engine.methods import method_for
+
+
+class AutoDeltaConfig:
+    """Build the right config dataclass from a dict or a saved checkpoint."""
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> DeltaConfig:
+        if not isinstance(data, dict) or "delta_type" not in data:
+            raise ConfigError(
+                'a delta config needs a "delta_type", e.g. {"delta_type": "lora"}'
+            )
+        return method_for(data["delta_type"]).config_class.from_dict(data)
+
+    @staticmethod
+    def from_finetuned(directory: str | Path) -> DeltaConfig:
+        from engine.checkpoint import read_config
+
+        raw = read_config(Path(directory))
+        keep = {k: v for k, v in raw.items()
+                if k not in ("format", "resolved_modules", "backbone_class", "trainable_parameters")}
+        return AutoDeltaConfig.from_dict(keep)
+
+
+class AutoDeltaModel:
+    """Build or load a delta of whichever method a config names."""
+
+    @staticmethod
+    def from_config(
+        config: DeltaConfig | dict[str, Any], backbone_model: nn.Module, attach: bool = True
+    ) -> DeltaBase:
+        if isinstance(config, dict):
+            config = AutoDeltaConfig.from_dict(config)
+        return method_for(config.delta_type)(backbone_model, config=config, attach=attach)
+
+    @staticmethod
+    def from_finetuned(directory: str | Path, backbone_model: nn.Module) -> DeltaBase:
+        from engine.checkpoint import load_delta
+
+        return load_delta(Path(directory), backbone_model)

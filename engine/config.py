@@ -1,0 +1,135 @@
+"""Delta configurations: one dataclass per method, validated in ``__post_init__``.
+
+Field names follow OpenDelta where it had one. ``to_dict()`` output is a valid ``from_dict()``
+input, and is the per-delta entry of a ``delta-design/1`` document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from engine.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class DeltaConfig:
+    """Fields every method shares: where the delta goes and how it is wired in."""
+
+    delta_type: ClassVar[str] = ""
+    #: Routes the method supports; the first is the default.
+    routes: ClassVar[tuple[str, ...]] = ("after",)
+
+    modified_modules: list[str] | None = None
+    exclude_modules: list[str] = field(default_factory=list)
+    route: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.modified_modules = _expression_list("modified_modules", self.modified_modules, True)
+        self.exclude_modules = _expression_list("exclude_modules", self.exclude_modules, False) or []
+        if self.route is None:
+            self.route = self.routes[0]
+        if self.route not in self.routes:
+            raise ConfigError(
+                f"{self.delta_type} does not support route {self.route!r}; "
+                f"it supports: {', '.join(self.routes)}"
+            )
+        if self.name is None:
+            self.name = self.delta_type
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ConfigError(
+                f"delta name {self.name!r} must be a Python identifier (it names the delta "
+                "module inside each modified module), e.g. 'lora_task_a'"
+            )
+        self.validate()
+
+    def validate(self) -> None:
+        """Method-specific checks; raise :class:`ConfigError`."""
+
+    # --- conversion ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"delta_type": self.delta_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeltaConfig:
+        """Build from a dict (``delta_type`` may be present); unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a delta config must be a JSON object, got {type(data).__name__}")
+        values = {k: v for k, v in data.items() if k != "delta_type"}
+        given_type = data.get("delta_type", cls.delta_type)
+        if given_type != cls.delta_type:
+            raise ConfigError(f"config has delta_type {given_type!r}, expected {cls.delta_type!r}")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.delta_type} option(s): {', '.join(unknown)}; "
+                f"valid options are: {', '.join(cls.field_names())}"
+            )
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"invalid {cls.delta_type} config: {exc}") from exc
+
+    @classmethod
+    def hyperparameters(cls) -> list[dict[str, Any]]:
+        """Method-specific fields (not the shared ones) with type, default and help text."""
+        shared = {f.name for f in dataclasses.fields(DeltaConfig)}
+        result = []
+        for f in dataclasses.fields(cls):
+            if f.name in shared:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            result.append(
+                {
+                    "name": f.name,
+                    "type": type(default).__name__ if default is not None else "str",
+                    "default": default,
+                    "help": f.metadata.get("help", ""),
+                    "choices": f.metadata.get("choices"),
+                }
+            )
+        return result
+
+
+def _expression_list(name: str, value: Any, allow_none: bool) -> list[str] | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name} must be a list of addressing expressions, got {value!r}")
+    if allow_none and not value:
+        raise ConfigError(
+            f"{name} is empty; give at least one expression, or leave it out for the defaults"
+        )
+    return list(value)
+
+
+def positive_int(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
+def positive_number(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{owner}: {name} must be a positive number, got {value!r}")
+
+
+def probability(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{owner}: {name} must be in [0, 1), got {value!r}")
+
+
+def one_of(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}: {name} must be one of {', '.join(choices)}; got {value!r}")

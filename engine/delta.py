@@ -1,0 +1,357 @@
+"""The delta object: delta modules attached to a frozen backbone by hooks, detachable at will.
+
+A method subclasses :class:`DeltaBase` and says which modules it can wrap, how to build one delta
+module for a modified module, and (optionally) how to wire it in. The base class resolves
+``modified_modules`` with the one addressing grammar, validates every target before touching the
+backbone, and owns attach/detach, freezing, counting, logging and checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rich.console import Console
+from torch import nn
+
+from engine.addressing import resolve
+from engine.config import DeltaConfig
+from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
+from engine.routing import RouteHandle, attach_route
+from engine.sizing import IOSizes, declared_sizes, probe_sizes
+from engine.structure import expand_common_names
+from engine.visualize import Visualization
+
+
+class DeltaModule(nn.Module):
+    """Base class of the small modules a delta adds; the tree marks them (and only them) delta."""
+
+    is_delta_module = True
+
+
+def inside_delta(path: str, modules: dict[str, nn.Module]) -> bool:
+    """True when ``path`` is a delta module or lies inside one (never a target for a method)."""
+    parts = path.split(".")
+    return any(
+        getattr(modules.get(".".join(parts[:i])), "is_delta_module", False)
+        for i in range(1, len(parts) + 1)
+    )
+
+
+def descend_to(
+    method: str,
+    paths: list[str],
+    modules: dict[str, nn.Module],
+    accepts: Callable[[nn.Module], bool],
+    wanted: str,
+) -> list[str]:
+    """Each path if ``accepts`` its module, else its accepted descendants (outside deltas).
+
+    Lets a method take a container (an attention block, an FFN) for all the layers inside it
+    that the method can handle; a container with none of them is an error naming it.
+    """
+    selected: dict[str, None] = {}
+    for path in paths:
+        module = modules[path]
+        if accepts(module):
+            selected[path] = None
+            continue
+        inner = [
+            f"{path}.{name}" for name, child in module.named_modules()
+            if name and accepts(child) and not inside_delta(f"{path}.{name}", modules)
+        ]
+        if not inner:
+            raise ModuleNotSupportedError(
+                f"{method} cannot wrap {path!r}, a {type(module).__name__}: neither it nor its "
+                f"submodules are {wanted}; choose such modules (`delta-designer tree` shows them)"
+            )
+        selected.update(dict.fromkeys(inner))
+    order = {p: i for i, p in enumerate(modules)}
+    return sorted(selected, key=order.__getitem__)
+
+
+def _key(path: str) -> str:
+    """A ModuleDict key for a dotted path (dots are not allowed in module names)."""
+    return path.replace(".", "/")
+
+
+class DeltaBase(nn.Module):
+    """A delta method applied to one backbone (OpenDelta's ``DeltaBase``)."""
+
+    config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
+    #: Common names used when ``modified_modules`` is not given.
+    default_modified_modules: ClassVar[list[str]] = []
+    #: Module types a delta can wrap (class names, so optional libraries need not be imported).
+    supported_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        modified_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        *,
+        config: DeltaConfig | None = None,
+        attach: bool = True,
+        **hyperparameters: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone_model, nn.Module):
+            raise ConfigError(
+                f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}"
+            )
+        if config is None:
+            values = dict(hyperparameters)
+            if modified_modules is not None:
+                values["modified_modules"] = modified_modules
+            if exclude_modules is not None:
+                values["exclude_modules"] = exclude_modules
+            config = self.config_class.from_dict(values)
+        elif not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+        object.__setattr__(self, "backbone_model", backbone_model)  # not a submodule
+        modules = dict(backbone_model.named_modules())
+        self.modified_paths = self.select_targets(self._resolve(), modules)
+        for path in self.modified_paths:
+            self.check_module(path, modules[path])
+        built = self.build_deltas({p: modules[p] for p in self.modified_paths})
+        self.delta_modules = nn.ModuleDict({_key(p): built[p] for p in self.modified_paths})
+        self._handles: list[RouteHandle] = []
+        self._attached = False
+        self._state_dict_handle: Any = None
+        if attach:
+            self.attach()
+
+    # --- what a method provides --------------------------------------------------------------
+
+    @property
+    def delta_type(self) -> str:
+        return self.config.delta_type
+
+    @property
+    def name(self) -> str:
+        return str(self.config.name)
+
+    def select_targets(self, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
+        """The modules to modify, from what the expressions resolved to (default: as resolved)."""
+        return paths
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        """Raise :class:`ModuleNotSupportedError` if this method cannot wrap ``module``."""
+        if self.supported_modules and type(module).__name__ not in self.supported_modules and not any(
+            isinstance(module, getattr(nn, n, ())) for n in self.supported_modules
+        ):
+            raise ModuleNotSupportedError(
+                f"{self.delta_type} cannot wrap {path!r}, a {type(module).__name__}; it wraps "
+                f"{', '.join(self.supported_modules)} — choose those modules instead "
+                "(`delta-designer tree` shows every module's class)"
+            )
+
+    def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
+        """One delta module per modified module."""
+        sizes = self.module_sizes(modules)
+        return {path: self.make_delta(path, module, sizes[path]) for path, module in modules.items()}
+
+    def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
+        raise NotImplementedError
+
+    def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
+        """Hook ``delta`` into ``module`` (default: along ``config.route``)."""
+        return attach_route(str(self.config.route), module, delta)
+
+    def module_sizes(self, modules: dict[str, nn.Module]) -> dict[str, IOSizes]:
+        """Declared sizes where modules state them; one pseudo-input pass for the rest."""
+        sizes: dict[str, IOSizes] = {}
+        for path, module in modules.items():
+            declared = declared_sizes(module)
+            if declared is not None:
+                sizes[path] = declared
+        rest = [p for p in modules if p not in sizes]
+        if rest:
+            sizes.update(probe_sizes(self.backbone_model, rest))
+        return sizes
+
+    # --- addressing ------------------------------------------------------------------------
+
+    def _resolve(self) -> list[str]:
+        expressions = self.config.modified_modules or self.default_modified_modules
+        if not expressions:
+            raise ConfigError(f"{self.delta_type} has no default positions; give modified_modules")
+        backbone = self.backbone_model
+        report = resolve(
+            backbone,
+            expand_common_names(backbone, list(expressions)),
+            expand_common_names(backbone, list(self.config.exclude_modules)),
+        )
+        if not report.paths:
+            raise ConfigError(
+                f"exclude_modules removed every module that modified_modules selected "
+                f"({', '.join(self.config.exclude_modules)})"
+            )
+        modules = dict(backbone.named_modules())
+        paths = [p for p in report.paths if not inside_delta(p, modules)]
+        if not paths:
+            raise ConfigError(
+                f"modified_modules {list(expressions)} select only modules of other deltas; "
+                "a delta wraps backbone modules"
+            )
+        return paths
+
+    # --- attach / detach -------------------------------------------------------------------
+
+    @property
+    def is_attached(self) -> bool:
+        return self._attached
+
+    def _modules_by_path(self) -> dict[str, nn.Module]:
+        modules = dict(self.backbone_model.named_modules())
+        return {path: modules[path] for path in self.modified_paths}
+
+    def attach(self) -> DeltaBase:
+        """Insert the delta modules and hook them in; they run after deltas attached earlier."""
+        if self._attached:
+            raise DeltaStateError(f"delta {self.name!r} is already attached; detach() it first")
+        targets = self._modules_by_path()
+        taken = [p for p, m in targets.items() if self.name in m._modules]
+        if taken:
+            raise DeltaStateError(
+                f"{taken[0]!r} already has a submodule named {self.name!r} (another delta?); "
+                "give this delta another name, e.g. name='lora_task_b'"
+            )
+        for path, module in targets.items():
+            delta = self.delta_modules[_key(path)]
+            module.add_module(self.name, delta)
+            self._handles.append(self.wire(path, module, delta))
+        self._attached = True
+        return self
+
+    def detach(self) -> DeltaBase:
+        """Remove the hooks and delta modules; the backbone computes exactly as before."""
+        if not self._attached:
+            raise DeltaStateError(f"delta {self.name!r} is not attached; attach() it first")
+        self.before_detach()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._modules_by_path().values():
+            del module._modules[self.name]
+        self._attached = False
+        return self
+
+    def before_detach(self) -> None:
+        """Hook for methods that must undo something first (LoRA unmerges)."""
+
+    # --- freezing and counting -------------------------------------------------------------
+
+    def freeze_module(
+        self, exclude: list[str] | None = None, set_state_dict: bool = True
+    ) -> DeltaBase:
+        """Freeze the backbone except delta modules (sentinel ``"deltas"``) and ``exclude``.
+
+        ``exclude`` entries other than ``"deltas"`` are addressing expressions (an expression
+        that matches nothing is an error). With ``set_state_dict``, the backbone's
+        ``state_dict()`` then holds only trainable tensors.
+        """
+        exclude = ["deltas"] if exclude is None else list(exclude)
+        backbone = self.backbone_model
+        expressions = [e for e in exclude if e != "deltas"]
+        keep: set[int] = set()
+        if expressions:
+            modules = dict(backbone.named_modules())
+            for path in resolve(backbone, expand_common_names(backbone, expressions)).paths:
+                keep.update(id(p) for p in modules[path].parameters())
+        if "deltas" in exclude:
+            keep.update(id(p) for p in self.parameters())
+            for module in backbone.modules():
+                if getattr(module, "is_delta_module", False):
+                    keep.update(id(p) for p in module.parameters())
+        for parameter in backbone.parameters():
+            parameter.requires_grad_(id(parameter) in keep)
+        for parameter in self.parameters():
+            parameter.requires_grad_(id(parameter) in keep)
+        if set_state_dict:
+            self.trainable_state_dict_only(backbone)
+        return self
+
+    def trainable_state_dict_only(self, model: nn.Module) -> None:
+        """Make ``model.state_dict()`` return only tensors that require grad (removable hook)."""
+        if self._state_dict_handle is not None:
+            self._state_dict_handle.remove()
+
+        def keep_trainable(module: nn.Module, state: dict, prefix: str, metadata: Any) -> None:
+            trainable = {prefix + n for n, p in module.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in trainable]:
+                del state[key]
+
+        self._state_dict_handle = model.register_state_dict_post_hook(keep_trainable)
+
+    def num_trainable_parameters(self) -> int:
+        """Trainable parameters of this delta (exact on meta backbones too)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def num_delta_parameters(self) -> int:
+        """All parameters of this delta, trainable or not."""
+        return sum(p.numel() for p in self.parameters())
+
+    def trainable_parameters_by_module(self) -> dict[str, int]:
+        """Modified module path → trainable delta parameters there."""
+        return {
+            path: sum(p.numel() for p in self.delta_modules[_key(path)].parameters() if p.requires_grad)
+            for path in self.modified_paths
+        }
+
+    def log(self, console: Console | None = None) -> dict[str, Any]:
+        """Print the collapsed backbone tree (deltas highlighted) and the counts; return counts."""
+        console = console or Console()
+        Visualization(self.backbone_model).structure_graph(console=console)
+        backbone_total = sum(
+            p.numel() for p in {id(p): p for p in self.backbone_model.parameters()}.values()
+        )
+        trainable = self.num_trainable_parameters()
+        percent = 100.0 * trainable / max(backbone_total - self.num_delta_parameters(), 1)
+        console.print(
+            f"{self.name} ({self.delta_type}) on {len(self.modified_paths)} modules: "
+            f"{trainable:,} trainable parameters, {percent:.4f}% of the backbone",
+            highlight=False,
+        )
+        return {"trainable_parameters": trainable, "modules": len(self.modified_paths),
+                "percent_of_backbone": percent}
+
+    # --- merging (methods that can override) -----------------------------------------------
+
+    def merge(self) -> DeltaBase:
+        raise DeltaStateError(f"{self.delta_type} deltas cannot be merged into the backbone")
+
+    def unmerge(self) -> DeltaBase:
+        raise DeltaStateError(f"{self.delta_type} deltas cannot be merged into the backbone")
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def delta_state(self) -> dict[str, Any]:
+        """``{modified path}.{parameter}`` → tensor, for every delta parameter."""
+        return {
+            f"{path}.{name}": tensor
+            for path in self.modified_paths
+            for name, tensor in self.delta_modules[_key(path)].state_dict().items()
+        }
+
+    def save_finetuned(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``delta.safetensors`` (delta tensors only), atomically."""
+        from engine.checkpoint import save_delta
+
+        return save_delta(self, Path(directory))
+
+    @classmethod
+    def from_finetuned(cls, directory: str | Path, backbone_model: nn.Module) -> DeltaBase:
+        from engine.checkpoint import load_delta
+
+        delta = load_delta(Path(directory), backbone_model)
+        if not isinstance(delta, cls):
+            raise ConfigError(
+                f"{directory} holds a {delta.delta_type} delta, not {cls.config_class.delta_type}"
+            )
+        return delta

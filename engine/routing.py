@@ -1,0 +1,160 @@
+"""Wire a delta module into a modified module with forward hooks — never by editing its class.
+
+| route           | effect                          | hook                           |
+|-----------------|---------------------------------|--------------------------------|
+| ``before``      | h_in  ← h_in + m(h_in)          | forward pre-hook               |
+| ``after``       | h_out ← h_out + m(h_out)        | forward hook                   |
+| ``parallel``    | h_out ← h_out + m(h_in)         | forward hook with the input    |
+| ``parallel_pair``| h_out(B) ← h_out(B) + m(h_in(A))| pre-hook on A, hook on B       |
+
+Tuple (and ``ModelOutput``) outputs modify their first element. Several deltas on one module
+apply in attach order (hooks run in registration order); each returns a :class:`RouteHandle`
+whose ``remove()`` detaches just that delta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from engine.errors import ConfigError, DeltaError
+
+#: ``delta(h) -> tensor to add``; it may return None to add nothing (e.g. while merged).
+DeltaFunction = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class Route(str, Enum):
+    BEFORE = "before"
+    AFTER = "after"
+    PARALLEL = "parallel"
+    PARALLEL_PAIR = "parallel_pair"
+
+    @classmethod
+    def parse(cls, value: str | Route) -> Route:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(
+                f"unknown route {value!r}; choose one of: {', '.join(r.value for r in cls)}"
+            ) from None
+
+
+@dataclass
+class RouteHandle:
+    """The hooks that wire one delta into one module; ``remove()`` unwires it."""
+
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The module's main input: first positional tensor, else ``hidden_states``, else any tensor."""
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _replace_input(
+    args: tuple[Any, ...], kwargs: dict[str, Any], new: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    for index, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            return args[:index] + (new,) + args[index + 1 :], kwargs
+    key = "hidden_states" if isinstance(kwargs.get("hidden_states"), torch.Tensor) else next(
+        k for k, v in kwargs.items() if isinstance(v, torch.Tensor)
+    )
+    return args, {**kwargs, key: new}
+
+
+def main_output(output: Any) -> torch.Tensor:
+    """The tensor a route modifies: the output itself, or its first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "to_tuple"):  # transformers ModelOutput
+        first = output.to_tuple()[0]
+        if isinstance(first, torch.Tensor):
+            return first
+    raise DeltaError(f"a delta route needs a tensor output, got {type(output).__name__}")
+
+
+def _with_main_output(output: Any, new: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    key = next(iter(output.keys()))
+    output[key] = new
+    return output
+
+
+def _added(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    return base if delta is None else base + delta
+
+
+def attach_route(
+    route: Route | str,
+    module: nn.Module,
+    delta: DeltaFunction,
+    partner: nn.Module | None = None,
+) -> RouteHandle:
+    """Hook ``delta`` into ``module`` along ``route``; ``partner`` is module B of parallel_pair."""
+    route = Route.parse(route)
+    handle = RouteHandle()
+    if route is Route.BEFORE:
+
+        def before(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = first_tensor(args, kwargs)
+            if hidden is None:
+                raise DeltaError(f"route 'before' found no tensor input to {type(mod).__name__}")
+            return _replace_input(args, kwargs, _added(hidden, delta(hidden)))
+
+        handle.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+    elif route is Route.AFTER:
+
+        def after(mod: nn.Module, args: tuple, output: Any) -> Any:
+            hidden = main_output(output)
+            return _with_main_output(output, _added(hidden, delta(hidden)))
+
+        handle.handles.append(module.register_forward_hook(after))
+    elif route is Route.PARALLEL:
+
+        def parallel(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            return _with_main_output(
+                output, _added(main_output(output), delta(first_tensor(args, kwargs)))
+            )
+
+        handle.handles.append(module.register_forward_hook(parallel, with_kwargs=True))
+    else:
+        if partner is None:
+            raise ConfigError("route 'parallel_pair' needs a partner module B (the output side)")
+        saved: list[torch.Tensor] = []
+
+        def remember(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            saved[:] = [first_tensor(args, kwargs)]
+
+        def add_saved(mod: nn.Module, args: tuple, output: Any) -> Any:
+            if not saved:
+                raise DeltaError("route 'parallel_pair': module B ran before module A")
+            hidden = saved.pop()
+            return _with_main_output(output, _added(main_output(output), delta(hidden)))
+
+        handle.handles.append(module.register_forward_pre_hook(remember, with_kwargs=True))
+        handle.handles.append(partner.register_forward_hook(add_saved))
+    return handle

@@ -1,0 +1,382 @@
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from engine import (
+    AdapterModel,
+    AutoDeltaConfig,
+    AutoDeltaModel,
+    BitFitModel,
+    CheckpointError,
+    ConfigError,
+    DeltaStateError,
+    LoraConfig,
+    LoraModel,
+    ModuleNotSupportedError,
+    NoMatchError,
+    PrefixModel,
+    load_backbone,
+)
+from tests.engine.test_delta_matrix import output, perturb
+from tests.engine.tiny import main_tensor, tiny_inputs, tiny_model
+
+
+# --- LoRA merge ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_lora_merge_matches_unmerged_outputs_and_unmerge_restores_weights(kind):
+    model, inputs = tiny_model(kind), tiny_inputs(kind)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    delta = LoraModel(model, lora_r=4)
+    perturb(delta)
+    unmerged = output(model, inputs)
+    delta.merge()
+    assert delta.is_merged
+    torch.testing.assert_close(output(model, inputs), unmerged, rtol=0, atol=1e-5)
+    changed = [n for n, p in model.named_parameters() if n in weights and not torch.equal(p, weights[n])]
+    assert changed and all(n.endswith("weight") for n in changed)  # the update lives in W
+    delta.unmerge()
+    for name, parameter in model.named_parameters():
+        if name in weights:
+            torch.testing.assert_close(parameter, weights[name], rtol=0, atol=1e-6)
+    torch.testing.assert_close(output(model, inputs), unmerged, rtol=0, atol=1e-6)
+    with pytest.raises(DeltaStateError, match="not merged"):
+        delta.unmerge()
+    delta.merge()
+    with pytest.raises(DeltaStateError, match="already merged"):
+        delta.merge()
+    delta.detach()  # detaching a merged delta unmerges first
+    torch.testing.assert_close(output(tiny_model(kind), inputs), output(model, inputs), rtol=0, atol=1e-6)
+
+
+def test_only_lora_can_merge():
+    delta = AdapterModel(tiny_model("bert"))
+    with pytest.raises(DeltaStateError, match="cannot be merged"):
+        delta.merge()
+
+
+# --- multi-task serving (the paper's multi-task figure) ------------------------------------------
+
+
+def test_three_tasks_served_on_one_backbone_by_attach_and_detach():
+    inputs = tiny_inputs("bert")
+    builders = {
+        "task_a": lambda m: LoraModel(m, name="task_a", attach=False),
+        "task_b": lambda m: AdapterModel(m, name="task_b", attach=False),
+        "task_c": lambda m: BitFitModel(m, name="task_c", attach=False),
+    }
+    solo, states = {}, {}
+    for seed, (task, build) in enumerate(builders.items()):
+        alone = tiny_model("bert")
+        delta = build(alone).attach()
+        perturb(delta, seed)
+        solo[task] = output(alone, inputs)
+        states[task] = delta.state_dict()
+    shared = tiny_model("bert")
+    deltas = {}
+    for task, build in builders.items():
+        deltas[task] = build(shared)
+        deltas[task].load_state_dict(states[task])
+    base = output(shared, inputs)
+    for task in ["task_b", "task_a", "task_c", "task_a"]:
+        deltas[task].attach()
+        assert torch.equal(output(shared, inputs), solo[task]), task
+        deltas[task].detach()
+        assert torch.equal(output(shared, inputs), base)
+
+
+# --- exact counts --------------------------------------------------------------------------------
+
+
+def test_lora_count_on_bert_base_is_the_formula_on_meta_and_real():
+    meta = load_backbone("catalog:bert-base-uncased").model
+    assert LoraModel(meta, ["query", "value"], lora_r=8).num_trainable_parameters() == 294_912
+    assert 294_912 == 12 * 2 * 8 * (768 + 768)
+    real = load_backbone("minilm").model
+    assert LoraModel(real, ["query", "value"], lora_r=8).num_trainable_parameters() == 6 * 2 * 8 * (384 + 384)
+
+
+def test_counts_equal_the_formulas_for_every_method():
+    model = load_backbone("catalog:bert-base-uncased").model
+    adapter = AdapterModel(model, bottleneck_dim=24)  # after attention.output.dense and output.dense
+    assert adapter.num_trainable_parameters() == 24 * (768 * 24 + 24 + 24 * 768 + 768)
+    bitfit = BitFitModel(model, name="bitfit")
+    per_layer = 4 * 768 + 768 + 3072 + 768 + 768  # q,k,v,o + attn LN + intermediate + out + out LN
+    assert bitfit.num_trainable_parameters() == 12 * per_layer + 768  # + embeddings.LayerNorm
+    prefix = PrefixModel(model, prefix_token_num=6, mid_dim=512)
+    width = 768
+    per_module = 6 * width + (width * 512 + 512) + (512 * 2 * width + 2 * width)
+    assert prefix.num_trainable_parameters() == 12 * per_module
+    direct = PrefixModel(model, prefix_token_num=6, reparameterize=False, name="prefix2")
+    assert direct.num_trainable_parameters() == 12 * 2 * 6 * width
+    by_module = adapter.trainable_parameters_by_module()
+    assert list(by_module)[:2] == ["encoder.layer.0.attention.output.dense", "encoder.layer.0.output.dense"]
+    assert sum(by_module.values()) == adapter.num_trainable_parameters()
+
+
+def test_meta_backbone_of_405b_sizes_prefix_and_lora_without_memory():
+    model = load_backbone("catalog:llama-3.1-405b").model
+    lora = LoraModel(model, lora_r=16)
+    assert lora.num_trainable_parameters() == 126 * 16 * ((16384 + 16384) + (16384 + 1024))
+    prefix = PrefixModel(model, reparameterize=False, prefix_token_num=4, name="prefix")
+    assert prefix.num_trainable_parameters() == 126 * 2 * 4 * 1024  # 8 kv heads × 128
+    assert all(p.is_meta for p in prefix.parameters())
+
+
+# --- freezing and state dicts ----------------------------------------------------------------------
+
+
+def test_freeze_module_leaves_deltas_and_excluded_modules_trainable_and_filters_state_dict():
+    model = tiny_model("bert")
+    delta = LoraModel(model)
+    delta.freeze_module(exclude=["deltas", "pooler"], set_state_dict=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(model.named_parameters()) if ".lora." in n or n.startswith("pooler.")}
+    assert set(model.state_dict()) == trainable
+    delta.freeze_module(exclude=["deltas"], set_state_dict=True)
+    assert all(".lora." in k for k in model.state_dict())
+    with pytest.raises(NoMatchError, match="'poolr'"):
+        delta.freeze_module(exclude=["deltas", "poolr"])
+
+
+def test_log_prints_the_tree_with_delta_modules_and_the_count():
+    model = tiny_model("bert")
+    delta = LoraModel(model, ["query"], lora_r=2)
+    delta.freeze_module()
+    buffer = io.StringIO()
+    summary = delta.log(Console(file=buffer, width=120, color_system=None))
+    assert buffer.getvalue() == (
+        "root (BertModel) 20.2K (256 trainable)\n"
+        "├── embeddings (BertEmbeddings) 5.3K frozen\n"
+        "│   ├── word_embeddings (Embedding) weight[99,32] 3.2K frozen\n"
+        "│   ├── position_embeddings (Embedding) weight[64,32] 2.0K frozen\n"
+        "│   ├── token_type_embeddings (Embedding) weight[2,32] 64 frozen\n"
+        "│   ├── LayerNorm (LayerNorm) weight[32] bias[32] 64 frozen\n"
+        "│   └── dropout (Dropout)\n"
+        "├── encoder (BertEncoder) 13.8K (256 trainable)\n"
+        "│   └── layer (ModuleList) 13.8K (256 trainable)\n"
+        "│       └── 0-1 ×2 (BertLayer) 6.9K each (128 trainable)\n"
+        "│           ├── attention (BertAttention) 4.4K (128 trainable)\n"
+        "│           │   ├── self (BertSelfAttention) 3.3K (128 trainable)\n"
+        "│           │   │   ├── query (Linear) weight[32,32] bias[32] 1.2K (128 trainable)\n"
+        "│           │   │   │   └── lora (LoraLayer) 128 delta\n"
+        "│           │   │   │       ├── lora_A (Linear) weight[2,32] 64 delta\n"
+        "│           │   │   │       ├── lora_B (Linear) weight[32,2] 64 delta\n"
+        "│           │   │   │       └── dropout (Identity) delta\n"
+        "│           │   │   ├── key (Linear) weight[32,32] bias[32] 1.1K frozen\n"
+        "│           │   │   ├── value (Linear) weight[32,32] bias[32] 1.1K frozen\n"
+        "│           │   │   └── dropout (Dropout)\n"
+        "│           │   └── output (BertSelfOutput) 1.1K frozen\n"
+        "│           │       ├── dense (Linear) weight[32,32] bias[32] 1.1K frozen\n"
+        "│           │       ├── LayerNorm (LayerNorm) weight[32] bias[32] 64 frozen\n"
+        "│           │       └── dropout (Dropout)\n"
+        "│           ├── intermediate (BertIntermediate) 1.2K frozen\n"
+        "│           │   ├── dense (Linear) weight[37,32] bias[37] 1.2K frozen\n"
+        "│           │   └── intermediate_act_fn (GELUActivation)\n"
+        "│           └── output (BertOutput) 1.3K frozen\n"
+        "│               ├── dense (Linear) weight[32,37] bias[32] 1.2K frozen\n"
+        "│               ├── LayerNorm (LayerNorm) weight[32] bias[32] 64 frozen\n"
+        "│               └── dropout (Dropout)\n"
+        "└── pooler (BertPooler) 1.1K frozen\n"
+        "    ├── dense (Linear) weight[32,32] bias[32] 1.1K frozen\n"
+        "    └── activation (Tanh)\n"
+        "lora (lora) on 2 modules: 256 trainable parameters, 1.2814% of the backbone\n"
+    )
+    backbone = sum(p.numel() for p in model.parameters()) - 256
+    assert summary == {"trainable_parameters": 256, "modules": 2,
+                       "percent_of_backbone": 100 * 256 / backbone}
+
+
+# --- state errors ------------------------------------------------------------------------------
+
+
+def test_attach_and_detach_misuse_raise_clear_state_errors():
+    model = tiny_model("bert")
+    delta = LoraModel(model)
+    with pytest.raises(DeltaStateError, match="already attached"):
+        delta.attach()
+    delta.detach()
+    with pytest.raises(DeltaStateError, match="not attached"):
+        delta.detach()
+    LoraModel(model)  # takes the name 'lora'
+    with pytest.raises(DeltaStateError, match="already has a submodule named 'lora'.*another name"):
+        delta.attach()
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def _untouched(model, inputs, reference):
+    assert not any(getattr(m, "is_delta_module", False) for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(output(model, inputs), reference)
+
+
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (lambda m: AutoDeltaModel.from_config({"delta_type": "loar"}, m), ConfigError,
+         r"unknown delta_type 'loar'; registered methods: adapter, bitfit, lora, prefix"),
+        (lambda m: LoraModel(m, lora_r=0), ConfigError, "lora_r must be a positive integer, got 0"),
+        (lambda m: LoraModel(m, lora_r=2.5), ConfigError, "lora_r must be a positive integer"),
+        (lambda m: LoraModel(m, lora_dropout=1.5), ConfigError, r"lora_dropout must be in \[0, 1\)"),
+        (lambda m: LoraModel(m, lora_rank=4), ConfigError, "unknown lora option.*lora_rank.*valid options"),
+        (lambda m: LoraModel(m, ["LayerNorm"]), ModuleNotSupportedError,
+         r"lora cannot wrap 'embeddings.LayerNorm', a LayerNorm; it wraps Linear, Conv1D"),
+        (lambda m: AdapterModel(m, route="sideways"), ConfigError, "does not support route 'sideways'"),
+        (lambda m: AdapterModel(m, non_linearity="swishy"), ConfigError, "non_linearity must be one of"),
+        (lambda m: LoraModel(m, ["qeury"]), NoMatchError, "'qeury' matches no module.*query"),
+        (lambda m: LoraModel(m, []), ConfigError, "modified_modules is empty"),
+        (lambda m: LoraModel(m, ["query"], ["query"]), ConfigError, "removed every module"),
+        (lambda m: PrefixModel(m, ["intermediate"]), ModuleNotSupportedError,
+         "prefix cannot wrap .encoder.layer.0.intermediate.*attention modules"),
+        (lambda m: LoraModel(m, name="has.dot"), ConfigError, "must be a Python identifier"),
+        (lambda m: BitFitModel(m, ["dropout"]), ModuleNotSupportedError, "bitfit cannot wrap .*take a bias"),
+    ],
+)
+def test_bad_input_raises_and_leaves_the_backbone_unmodified(build, error, message):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    reference = output(model, inputs)
+    with pytest.raises(error, match=message):
+        build(model)
+    _untouched(model, inputs, reference)
+
+
+def test_checkpoint_from_another_backbone_is_refused_with_the_differences(tmp_path):
+    source = tiny_model("bert")
+    LoraModel(source, ["query"]).save_finetuned(tmp_path)
+    import transformers
+
+    three_layers = transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+        vocab_size=99, max_position_embeddings=64)).eval()
+    with pytest.raises(CheckpointError, match="another backbone.*this backbone only: encoder.layer.2"):
+        AutoDeltaModel.from_finetuned(tmp_path, backbone_model=three_layers)
+    wider = transformers.BertModel(transformers.BertConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        vocab_size=99, max_position_embeddings=64)).eval()
+    with pytest.raises(CheckpointError, match=r"shapes do not fit.*\(8, 32\) vs \(8, 48\)"):
+        AutoDeltaModel.from_finetuned(tmp_path, backbone_model=wider)
+    assert not any(getattr(m, "is_delta_module", False) for m in wider.modules())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing_weights", "bad_json", "no_config"])
+def test_damaged_checkpoints_are_refused_and_the_backbone_stays_clean(tmp_path, damage):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    reference = output(model, inputs)
+    delta = LoraModel(tiny_model("bert"))
+    perturb(delta)
+    delta.save_finetuned(tmp_path)
+    weights, config = tmp_path / "delta.safetensors", tmp_path / "config.json"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+    elif damage == "missing_weights":
+        weights.unlink()
+    elif damage == "bad_json":
+        config.write_text("{not json")
+    else:
+        config.unlink()
+    with pytest.raises(CheckpointError):
+        AutoDeltaModel.from_finetuned(tmp_path, backbone_model=model)
+    _untouched(model, inputs, reference)
+
+
+def test_checkpoint_with_unexpected_keys_lists_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    delta = LoraModel(tiny_model("bert"))
+    delta.save_finetuned(tmp_path)
+    tensors = load_file(tmp_path / "delta.safetensors")
+    tensors["encoder.layer.0.attention.self.query.lora_C.weight"] = torch.zeros(1)
+    del tensors["encoder.layer.1.attention.self.value.lora_B.weight"]
+    save_file(tensors, tmp_path / "delta.safetensors")
+    with pytest.raises(CheckpointError, match="missing encoder.layer.1.attention.self.value.lora_B.weight; "
+                                              "unexpected encoder.layer.0.attention.self.query.lora_C.weight"):
+        AutoDeltaModel.from_finetuned(tmp_path, backbone_model=tiny_model("bert"))
+
+
+def test_saving_a_meta_delta_is_refused(tmp_path):
+    delta = LoraModel(load_backbone("catalog:bert-base-uncased").model)
+    with pytest.raises(DeltaStateError, match="meta backbone"):
+        delta.save_finetuned(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_checkpoint_config_is_readable_json_with_the_resolved_modules(tmp_path):
+    delta = LoraModel(tiny_model("bert"), ["query"], lora_r=4, lora_alpha=8)
+    delta.save_finetuned(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["delta_type"] == "lora" and config["lora_r"] == 4
+    assert config["resolved_modules"] == [f"encoder.layer.{i}.attention.self.query" for i in range(2)]
+    assert AutoDeltaConfig.from_finetuned(tmp_path) == delta.config
+
+
+# --- AutoDelta -------------------------------------------------------------------------------
+
+
+def test_auto_delta_config_and_model_from_dict():
+    config = AutoDeltaConfig.from_dict({"delta_type": "lora", "lora_r": 4})
+    assert isinstance(config, LoraConfig) and config.modified_modules is None
+    assert config.to_dict()["route"] == "parallel"
+    delta = AutoDeltaModel.from_config(config, backbone_model=tiny_model("llama"))
+    assert isinstance(delta, LoraModel)
+    assert delta.modified_paths == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]
+    with pytest.raises(ConfigError, match='needs a "delta_type"'):
+        AutoDeltaConfig.from_dict({"lora_r": 4})
+
+
+def test_adapter_routes_before_and_parallel_work():
+    model, inputs = tiny_model("llama"), tiny_inputs("llama")
+    reference = output(model, inputs)
+    for route in ["before", "parallel"]:
+        delta = AdapterModel(model, ["mlp"], route=route, name=f"adapter_{route}")
+        assert torch.equal(output(model, inputs), reference)
+        perturb(delta)
+        assert not torch.equal(output(model, inputs), reference)
+        delta.detach()
+    assert torch.equal(output(model, inputs), reference)
+
+
+def test_a_module_without_declared_sizes_is_sized_by_a_pseudo_pass_on_meta_too():
+    real = AdapterModel(tiny_model("llama"), ["mlp"], bottleneck_dim=4)
+    assert real.num_trainable_parameters() == 2 * (32 * 4 + 4 + 4 * 32 + 32)
+    meta = AdapterModel(load_backbone("catalog:llama-3-8b").model, ["mlp"], bottleneck_dim=4)
+    assert meta.num_trainable_parameters() == 32 * (4096 * 4 + 4 + 4 * 4096 + 4096)
+
+
+def test_custom_models_work_with_real_names():
+    from tests.engine.toy_models import Toy
+
+    model = Toy()
+    x = torch.tensor([[1, 2, 3]])
+
+    def run(m):
+        hidden = m.embed(x)
+        for layer in m.layers:
+            hidden = layer.act(layer.proj(hidden))
+        return m.head(hidden)
+
+    before = run(model)
+    delta = LoraModel(model, ["proj"], lora_r=2)
+    assert torch.equal(run(model), before)
+    assert delta.num_trainable_parameters() == 4 * 2 * (4 + 4)
+    with pytest.raises(ConfigError, match="common name 'attn.q' has no mapping for Toy"):
+        LoraModel(model, name="lora2")
+
+
+def test_a_method_never_wraps_the_modules_of_another_delta():
+    model = tiny_model("bert")
+    adapter = AdapterModel(model, ["output.dense"], bottleneck_dim=3)
+    bitfit = BitFitModel(model, ["output"], name="bitfit")
+    assert not any(".adapter" in p for p in bitfit.modified_paths)
+    lora = LoraModel(model, ["dense"], name="lora_dense")
+    assert not any(".adapter" in p for p in lora.modified_paths)
+    with pytest.raises(ConfigError, match="only modules of other deltas"):
+        LoraModel(model, ["adapter.down"], name="lora_down")
+    assert adapter.is_attached
