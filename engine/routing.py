@@ -113,8 +113,13 @@ def attach_route(
     module: nn.Module,
     delta: DeltaFunction,
     partner: nn.Module | None = None,
+    in_place: bool = False,
 ) -> RouteHandle:
-    """Hook ``delta`` into ``module`` along ``route``; ``partner`` is module B of parallel_pair."""
+    """Hook ``delta`` into ``module`` along ``route``; ``partner`` is module B of parallel_pair.
+
+    ``in_place`` (parallel route) adds into the module's output tensor instead of allocating a
+    new one; only valid for modules whose backward never reads their output (Linear, Conv1D).
+    """
     route = Route.parse(route)
     handle = RouteHandle()
     if route is Route.BEFORE:
@@ -136,9 +141,11 @@ def attach_route(
     elif route is Route.PARALLEL:
 
         def parallel(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            return _with_main_output(
-                output, _added(main_output(output), delta(first_tensor(args, kwargs)))
-            )
+            update = delta(first_tensor(args, kwargs))
+            if in_place and update is not None:
+                main_output(output).add_(update)
+                return output
+            return _with_main_output(output, _added(main_output(output), update))
 
         handle.handles.append(module.register_forward_hook(parallel, with_kwargs=True))
     else:

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from engine._gc import gc_paused
+
 GROUP_WILDCARD = "*"
 
 
@@ -162,7 +164,8 @@ class ModuleTree:
             node.fingerprint = interner.setdefault(key, len(interner))
             return node
 
-        root = build(model, "", "", False)
+        with gc_paused():
+            root = build(model, "", "", False)
         return cls(root, paths)
 
     # --- lookups ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from engine.config import DeltaConfig, one_of, positive_int
-from engine.delta import DeltaBase, DeltaModule
+from engine.delta import DeltaBase, DeltaModule, new_linear, zero_init
 from engine.methods import register
 from engine.sizing import IOSizes, module_device_dtype
 
@@ -40,11 +40,9 @@ class AdapterLayer(DeltaModule):
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        self.down = nn.Linear(in_dim, config.bottleneck_dim, device=device, dtype=dtype)
+        self.down = new_linear(in_dim, config.bottleneck_dim, True, device, dtype)
         self.activation = ACT2FN[config.non_linearity]
-        self.up = nn.Linear(config.bottleneck_dim, out_dim, device=device, dtype=dtype)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        self.up = new_linear(config.bottleneck_dim, out_dim, True, device, dtype, zero_init)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.up(self.activation(self.down(hidden)))

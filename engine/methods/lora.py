@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from engine.config import DeltaConfig, positive_int, positive_number, probability
-from engine.delta import DeltaBase, DeltaModule, _key
+from engine.delta import DeltaBase, DeltaModule, _key, new_linear, zero_init
 from engine.errors import DeltaStateError
 from engine.methods import register
+from engine.routing import RouteHandle, attach_route
 from engine.sizing import IOSizes, module_device_dtype
 
 
@@ -39,10 +40,9 @@ class LoraLayer(DeltaModule):
     ) -> None:
         super().__init__()
         rank = config.lora_r
-        self.lora_A = nn.Linear(sizes.input_dim, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, sizes.output_dim, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A = new_linear(sizes.input_dim, rank, False, device, dtype,
+                                 lambda layer: nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5)))
+        self.lora_B = new_linear(rank, sizes.output_dim, False, device, dtype, zero_init)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.scaling = config.lora_alpha / rank
         self.merged = False
@@ -50,7 +50,8 @@ class LoraLayer(DeltaModule):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.merged:
             return None  # the update lives in the backbone weight
-        return self.lora_B(self.lora_A(self.dropout(hidden))) * self.scaling
+        # scaling the rank-r intermediate costs out/r times less than scaling the output
+        return self.lora_B(self.lora_A(self.dropout(hidden)) * self.scaling)
 
     def weight_update(self, transpose: bool) -> torch.Tensor:
         """B·A·scaling, shaped like the wrapped weight (Conv1D stores it transposed)."""
@@ -70,6 +71,10 @@ class LoraModel(DeltaBase):
         device, dtype = module_device_dtype(module, self.backbone_model)
         return LoraLayer(sizes, self.config, device, dtype)  # type: ignore[arg-type]
 
+    def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
+        # Linear/Conv1D backward never reads the output, so the update can go in place
+        return attach_route("parallel", module, delta, in_place=True)
+
     @property
     def is_merged(self) -> bool:
         return any(layer.merged for layer in self._layers())
@@ -78,19 +83,24 @@ class LoraModel(DeltaBase):
         return [self.delta_modules[_key(p)] for p in self.modified_paths]  # type: ignore[misc]
 
     def merge(self) -> LoraModel:
-        """Add B·A·α/r into each wrapped weight; the hooks then add nothing (zero overhead)."""
+        """Add B·A·α/r into each wrapped weight and unhook: inference runs the plain backbone."""
         if not self.is_attached:
             raise DeltaStateError("attach() the delta before merging it")
         if self.is_merged:
             raise DeltaStateError("this LoRA delta is already merged; unmerge() it first")
         self._apply_update(+1)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
         return self
 
     def unmerge(self) -> LoraModel:
-        """Subtract the update again (restores the weights up to float rounding)."""
+        """Subtract the update again (weights restored up to float rounding) and re-hook."""
         if not self.is_merged:
             raise DeltaStateError("this LoRA delta is not merged")
         self._apply_update(-1)
+        for path, module in self._modules_by_path().items():
+            self._handles.append(self.wire(path, module, self.delta_modules[_key(path)]))
         return self
 
     def _apply_update(self, sign: int) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from engine.config import DeltaConfig, positive_int
-from engine.delta import DeltaBase, DeltaModule, descend_to
+from engine.delta import DeltaBase, DeltaModule, descend_to, new_linear
 from engine.errors import DeltaError
 from engine.methods import register
 from engine.routing import RouteHandle
@@ -66,9 +66,9 @@ class PrefixLayer(DeltaModule):
         if config.reparameterize:
             self.prefix_embedding = nn.Parameter(torch.randn(self.tokens, width, device=device, dtype=dtype))
             self.prefix_mlp = nn.Sequential(
-                nn.Linear(width, config.mid_dim, device=device, dtype=dtype),
+                new_linear(width, config.mid_dim, True, device, dtype),
                 nn.Tanh(),
-                nn.Linear(config.mid_dim, 2 * width, device=device, dtype=dtype),
+                new_linear(config.mid_dim, 2 * width, True, device, dtype),
             )
         else:
             self.prefix_key = nn.Parameter(0.02 * torch.randn(shape.heads, self.tokens, shape.head_dim, device=device, dtype=dtype))

@@ -380,3 +380,26 @@ def test_a_method_never_wraps_the_modules_of_another_delta():
     with pytest.raises(ConfigError, match="only modules of other deltas"):
         LoraModel(model, ["adapter.down"], name="lora_down")
     assert adapter.is_attached
+
+
+def test_a_merged_lora_leaves_no_hooks_behind():
+    model = tiny_model("bert")
+    delta = LoraModel(model)
+    query = model.encoder.layer[0].attention.self.query
+    assert len(query._forward_hooks) == 1
+    delta.merge()
+    assert not query._forward_hooks
+    delta.unmerge()
+    assert len(query._forward_hooks) == 1
+
+
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_lora_in_place_update_composes_with_other_deltas_under_autograd(lora_first):
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    builders = [lambda: LoraModel(model, ["query"]), lambda: AdapterModel(model, ["query"])]
+    deltas = [build() for build in (builders if lora_first else builders[::-1])]
+    for delta in deltas:
+        perturb(delta)
+    main_tensor(model(**inputs)).pow(2).mean().backward()
+    for delta in deltas:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in delta.parameters())
