@@ -8,9 +8,10 @@ from typing import Any
 from flask import Flask
 from flask_socketio import SocketIO
 
-from designer import security
+from designer import events, security
 from designer.resources import resource_dir
-from designer.state import BackboneStore
+from designer.state import BackboneCache
+from designer.store import SessionStore
 from designer.views import bp
 from engine import DEFAULT_SOURCE, human_count
 
@@ -30,10 +31,14 @@ def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     )
     app.config.update(DEFAULTS)
     app.config.update(config or {})
-    app.extensions["delta_designer"] = BackboneStore(app.config["BACKBONE"])
+    app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
     app.jinja_env.filters["human_count"] = human_count
     app.jinja_env.filters["thousands"] = "{:,}".format
+    store = SessionStore(Path(app.config["WORKSPACE"]), BackboneCache(app.config["BACKBONE"]))
+    app.extensions["delta_designer"] = store
     security.install(app)
     app.register_blueprint(bp)
     socketio = SocketIO(app, async_mode="threading")  # same-origin only by default
+    app.extensions["delta_designer_socketio"] = socketio
+    events.register(socketio, app, store)
     return app, socketio

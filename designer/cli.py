@@ -85,7 +85,8 @@ def _serve(args: argparse.Namespace) -> int:
     config["TOKEN"] = token
     app, socketio = create_app(config)
     print("Loading backbone", args.backbone, "…", flush=True)
-    app.extensions["delta_designer"].get()  # load before serving: the first page is instant
+    store = app.extensions["delta_designer"]
+    store.backbones.get(args.backbone)  # load before serving: the first page is instant
     url = f"http://{args.host}:{args.port}/" + (f"?token={token}" if token else "")
     print(f"Delta Designer serving on {url}", flush=True)
     socketio.run(app, host=args.host, port=args.port, allow_unsafe_werkzeug=True)

@@ -1,21 +1,36 @@
-"""The backbone a designer server shows, loaded once on first use (never at import time)."""
+"""Backbones a designer server has loaded, shared by all sessions and loaded once each.
+
+Each entry keeps the model, its full and collapsed trees, and a meta-device *twin* (the same
+architecture with no weights) on which previews and exports are planned without touching — or
+attaching anything to — the real model.
+"""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+from torch import nn
 
 from engine import Backbone, ModuleTree, load_backbone
 
 
 @dataclass
 class LoadedBackbone:
-    """A backbone with its full and collapsed trees, built once."""
+    """A backbone with its trees and its meta twin, built once."""
 
     backbone: Backbone
     tree: ModuleTree
     collapsed: ModuleTree
+    twin: nn.Module
+    twin_tree: ModuleTree
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards builds on the model
+
+    @property
+    def source(self) -> str:
+        return self.backbone.source
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -27,18 +42,43 @@ class LoadedBackbone:
         }
 
 
-class BackboneStore:
-    """Loads the configured backbone lazily and thread-safely; web sources never run code."""
+def load(
+    source: str, progress: Callable[[int, int], None] | None = None, allow_python: bool = False
+) -> LoadedBackbone:
+    """Load ``source`` with its trees and meta twin."""
+    backbone = load_backbone(source, progress=progress, allow_python=allow_python)
+    tree = ModuleTree.from_model(backbone.model)
+    if backbone.is_meta:
+        twin, twin_tree = backbone.model, tree
+    else:
+        twin = _meta_twin(backbone)
+        twin_tree = ModuleTree.from_model(twin)
+    return LoadedBackbone(backbone, tree, tree.collapse(), twin, twin_tree)
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self._loaded: LoadedBackbone | None = None
-        self._lock = threading.Lock()
 
-    def get(self) -> LoadedBackbone:
-        with self._lock:
-            if self._loaded is None:
-                backbone = load_backbone(self.source)
-                tree = ModuleTree.from_model(backbone.model)
-                self._loaded = LoadedBackbone(backbone, tree, tree.collapse())
-            return self._loaded
+def _meta_twin(backbone: Backbone) -> nn.Module:
+    if backbone.source.startswith("python:"):
+        return backbone.model  # a custom model: plan on it directly (its own weights stay)
+    return load_backbone(backbone.source, weights=False).model
+
+
+class BackboneCache:
+    """Source → loaded backbone; concurrent requests for one source wait for a single load."""
+
+    def __init__(self, server_source: str) -> None:
+        self.server_source = server_source
+        self._loaded: dict[str, LoadedBackbone] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, source: str, progress: Callable[[int, int], None] | None = None) -> LoadedBackbone:
+        """Load once; a python: factory only if it is the source the server was started with."""
+        with self._guard:
+            lock = self._locks.setdefault(source, threading.Lock())
+        with lock:
+            if source not in self._loaded:
+                self._loaded[source] = load(source, progress, allow_python=source == self.server_source)
+            return self._loaded[source]
+
+    def cached(self, source: str) -> LoadedBackbone | None:
+        return self._loaded.get(source)

@@ -1,30 +1,52 @@
-"""HTTP routes: the page, the JSON API, and the socket.io browser client from node_modules."""
+"""HTTP routes: the page, the JSON API, exports/imports, and the socket.io client from node_modules."""
 
 from __future__ import annotations
 
-from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, render_template, send_from_directory
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    render_template,
+    request,
+    send_from_directory,
+)
 from werkzeug.exceptions import HTTPException
 
+from designer import exports
+from designer.payloads import PayloadError
 from designer.resources import socketio_client_dir
-from engine import DeltaError
+from designer.session import DesignSession
+from designer.store import SESSION_COOKIE, SessionStore, new_session_id, valid_session_id
+from engine import CATALOG, DEFAULT_SOURCE, DeltaError, Design, ModuleTree, list_architectures
 
 bp = Blueprint("designer", __name__)
 
 
-def _store() -> Any:
+def _store() -> SessionStore:
     return current_app.extensions["delta_designer"]
 
 
+def _session() -> DesignSession:
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not valid_session_id(cookie):
+        raise PayloadError("no design session: open the designer page first (it sets a cookie)")
+    return _store().get(str(cookie))
+
+
 @bp.get("/")
-def index() -> str:
-    loaded = _store().get()
-    return render_template(
-        "index.html",
-        backbone=loaded.summary(),
-        root=loaded.collapsed.root,
-    )
+def index() -> Response:
+    store = _store()
+    cookie = request.cookies.get(SESSION_COOKIE)
+    session_id = cookie if valid_session_id(cookie) else new_session_id()
+    session = store.get(session_id)
+    if session.loaded is None:  # show the server's backbone straight away
+        store.use(session, store.backbones.get(current_app.config["BACKBONE"]))
+    response = Response(render_template("index.html", backbone=session.require()[0].summary()))
+    if session_id != cookie:
+        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="Strict")
+    return response
 
 
 @bp.get("/api/health")
@@ -32,10 +54,68 @@ def health() -> Response:
     return jsonify({"status": "ok"})
 
 
+@bp.get("/api/backbones")
+def backbones() -> Response:
+    return jsonify({
+        "default": DEFAULT_SOURCE,
+        "server": current_app.config["BACKBONE"],
+        "catalog": [{"name": e.name, "source": f"catalog:{e.name}", "class_name": e.model_class,
+                     "parameters": e.parameters, "description": e.description} for e in CATALOG.values()],
+        "architectures": list_architectures(),
+    })
+
+
 @bp.get("/api/tree")
 def tree() -> Response:
-    loaded = _store().get()
+    session = _session()
+    loaded, _ = session.require()
     return jsonify({"backbone": loaded.summary(), "tree": loaded.collapsed.to_dict()})
+
+
+@bp.get("/api/design")
+def design() -> Response:
+    return jsonify(_session().snapshot())
+
+
+@bp.get("/api/design/export")
+def export() -> Response:
+    filename, mime, text = exports.export(_session(), request.args.get("format", "json"))
+    return Response(text, mimetype=mime,
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@bp.post("/api/design/import")
+def import_design() -> tuple[Response, int] | Response:
+    document = request.get_json(silent=True)
+    if not isinstance(document, dict):
+        raise PayloadError("the body must be a delta-design/1 JSON object", "import")
+    session = _session()
+    session.import_design(Design.from_dict(document))
+    snapshot = session.snapshot()
+    current_app.extensions["delta_designer_socketio"].emit("design_updated", snapshot, to=session.id)
+    return jsonify(snapshot)
+
+
+@bp.post("/api/design/build")
+def build() -> Response:
+    """Build the design with the engine on the loaded backbone; report its real count and tree."""
+    session = _session()
+    loaded, _ = session.require()
+    design = session.design()
+    model = loaded.backbone.model
+    with loaded.lock:
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        applied = design.apply(model)
+        try:
+            built_tree = ModuleTree.from_model(model).collapse().to_dict()
+            trainable = applied.num_trainable_parameters()
+            per_delta = {d.name: d.num_trainable_parameters() for d in applied.deltas}
+        finally:
+            applied.detach()
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(flags[name])
+    return jsonify({"trainable": trainable, "deltas": per_delta,
+                    "preview_trainable": session.snapshot()["totals"]["trainable"], "tree": built_tree})
 
 
 @bp.get("/vendor/socket.io/<path:filename>")
@@ -43,11 +123,26 @@ def socketio_client(filename: str) -> Response:
     return send_from_directory(socketio_client_dir(), filename)
 
 
+def _error(message: str, status: int, kind: str, field: str | None = None) -> tuple[Response, int]:
+    return jsonify({"error": message, "type": kind, "field": field}), status
+
+
+@bp.app_errorhandler(PayloadError)
+def payload_error(error: PayloadError) -> tuple[Response, int]:
+    return _error(str(error), 400, "PayloadError", error.field)
+
+
 @bp.app_errorhandler(DeltaError)
 def delta_error(error: DeltaError) -> tuple[Response, int]:
-    return jsonify({"error": str(error), "type": type(error).__name__}), 400
+    return _error(str(error), 400, type(error).__name__)
 
 
 @bp.app_errorhandler(HTTPException)
 def http_error(error: HTTPException) -> tuple[Response, int]:
-    return jsonify({"error": error.description, "type": error.name}), error.code or 500
+    return _error(str(error.description), error.code or 500, error.name)
+
+
+@bp.app_errorhandler(Exception)
+def unexpected(error: Exception) -> tuple[Response, int]:
+    current_app.logger.exception("request failed")
+    return _error(f"internal error: {type(error).__name__}", 500, "InternalError")

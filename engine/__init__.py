@@ -15,7 +15,17 @@ from engine.auto import AutoDeltaConfig, AutoDeltaModel
 from engine.catalog import CATALOG, CatalogEntry
 from engine.config import DeltaConfig
 from engine.delta import DeltaBase, DeltaModule
+from engine.checkpoint import atomic_write_bytes
 from engine.design import AppliedDesign, Design, DesignMismatchError
+from engine.estimate import (
+    DTYPE_BYTES,
+    DeltaEstimate,
+    checkpoint_bytes,
+    estimate_delta,
+    module_parameters,
+    training_memory,
+)
+from engine.interop.peft import peft_adapter_config
 from engine.errors import (
     AddressingError,
     BackboneError,
@@ -37,12 +47,23 @@ from engine.methods.bitfit import BitFitConfig, BitFitModel
 from engine.methods.lora import LoraConfig, LoraModel
 from engine.methods.prefix import PrefixConfig, PrefixModel
 from engine.routing import Route, attach_route
+from engine.structure import COMMON_NAMES, expand_common_names
 from engine.tree import ModuleTree, TreeNode, format_indices, parse_indices
 from engine.visualize import Visualization, human_count
 
 __all__ = [
     "CATALOG",
+    "COMMON_NAMES",
+    "DTYPE_BYTES",
     "REGISTRY",
+    "DeltaEstimate",
+    "atomic_write_bytes",
+    "checkpoint_bytes",
+    "estimate_delta",
+    "expand_common_names",
+    "module_parameters",
+    "peft_adapter_config",
+    "training_memory",
     "AdapterConfig",
     "AdapterModel",
     "AppliedDesign",

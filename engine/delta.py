@@ -23,6 +23,7 @@ from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import IOSizes, declared_sizes, probe_sizes
 from engine.structure import expand_common_names
+from engine.tree import ModuleTree
 from engine.visualize import Visualization
 
 
@@ -124,8 +125,13 @@ class DeltaBase(nn.Module):
         *,
         config: DeltaConfig | None = None,
         attach: bool = True,
+        paths: list[str] | None = None,
         **hyperparameters: Any,
     ) -> None:
+        """Resolve where the delta goes, build one delta module per target, attach (unless told not).
+
+        ``paths`` gives already planned target paths (see :meth:`plan`), skipping resolution.
+        """
         super().__init__()
         if not isinstance(backbone_model, nn.Module):
             raise ConfigError(
@@ -150,9 +156,15 @@ class DeltaBase(nn.Module):
         self._state_dict_handle: Any = None
         with gc_paused():
             modules = dict(backbone_model.named_modules())
-            self.modified_paths = self.select_targets(self._resolve(), modules)
-            for path in self.modified_paths:
-                self.check_module(path, modules[path])
+            if paths is None:
+                self.modified_paths = self.plan(backbone_model, config, modules=modules)
+            else:
+                unknown = [p for p in paths if p not in modules]
+                if unknown:
+                    raise ConfigError(f"paths not in the backbone: {', '.join(unknown[:5])}")
+                for path in paths:
+                    self.check_module(path, modules[path])
+                self.modified_paths = list(paths)
             built = self.build_deltas({p: modules[p] for p in self.modified_paths})
             self.delta_modules = nn.ModuleDict({_key(p): built[p] for p in self.modified_paths})
             if attach:
@@ -168,18 +180,39 @@ class DeltaBase(nn.Module):
     def name(self) -> str:
         return str(self.config.name)
 
-    def select_targets(self, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
+    @classmethod
+    def plan(
+        cls,
+        backbone_model: nn.Module,
+        config: DeltaConfig,
+        *,
+        modules: dict[str, nn.Module] | None = None,
+        tree: ModuleTree | None = None,
+    ) -> list[str]:
+        """The module paths this config modifies on ``backbone_model``, checked, nothing built.
+
+        Pass the backbone's ``tree`` to reuse its addressing index (the designer does).
+        """
+        modules = dict(backbone_model.named_modules()) if modules is None else modules
+        targets = cls.select_targets(cls._resolve(backbone_model, config, modules, tree), modules)
+        for path in targets:
+            cls.check_module(path, modules[path])
+        return targets
+
+    @classmethod
+    def select_targets(cls, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
         """The modules to modify, from what the expressions resolved to (default: as resolved)."""
         return paths
 
-    def check_module(self, path: str, module: nn.Module) -> None:
+    @classmethod
+    def check_module(cls, path: str, module: nn.Module) -> None:
         """Raise :class:`ModuleNotSupportedError` if this method cannot wrap ``module``."""
-        if self.supported_modules and type(module).__name__ not in self.supported_modules and not any(
-            isinstance(module, getattr(nn, n, ())) for n in self.supported_modules
+        if cls.supported_modules and type(module).__name__ not in cls.supported_modules and not any(
+            isinstance(module, getattr(nn, n, ())) for n in cls.supported_modules
         ):
             raise ModuleNotSupportedError(
-                f"{self.delta_type} cannot wrap {path!r}, a {type(module).__name__}; it wraps "
-                f"{', '.join(self.supported_modules)} — choose those modules instead "
+                f"{cls.config_class.delta_type} cannot wrap {path!r}, a {type(module).__name__}; "
+                f"it wraps {', '.join(cls.supported_modules)} — choose those modules instead "
                 "(`delta-designer tree` shows every module's class)"
             )
 
@@ -209,22 +242,24 @@ class DeltaBase(nn.Module):
 
     # --- addressing ------------------------------------------------------------------------
 
-    def _resolve(self) -> list[str]:
-        expressions = self.config.modified_modules or self.default_modified_modules
+    @classmethod
+    def _resolve(
+        cls, backbone: nn.Module, config: DeltaConfig, modules: dict[str, nn.Module],
+        tree: ModuleTree | None,
+    ) -> list[str]:
+        expressions = config.modified_modules or cls.default_modified_modules
         if not expressions:
-            raise ConfigError(f"{self.delta_type} has no default positions; give modified_modules")
-        backbone = self.backbone_model
+            raise ConfigError(f"{config.delta_type} has no default positions; give modified_modules")
         report = resolve(
-            backbone,
+            tree if tree is not None else backbone,
             expand_common_names(backbone, list(expressions)),
-            expand_common_names(backbone, list(self.config.exclude_modules)),
+            expand_common_names(backbone, list(config.exclude_modules)),
         )
         if not report.paths:
             raise ConfigError(
                 f"exclude_modules removed every module that modified_modules selected "
-                f"({', '.join(self.config.exclude_modules)})"
+                f"({', '.join(config.exclude_modules)})"
             )
-        modules = dict(backbone.named_modules())
         paths = [p for p in report.paths if not inside_delta(p, modules)]
         if not paths:
             raise ConfigError(

@@ -21,6 +21,10 @@ from engine.routing import first_tensor, main_output
 from engine.tree import ModuleTree
 
 
+class ProbeComplete(Exception):
+    """Raised from a probe hook once everything is recorded, to end the pass early."""
+
+
 @dataclass(frozen=True)
 class IOSizes:
     """Last-dimension sizes of a module's main input and output."""
@@ -95,6 +99,8 @@ def run_pseudo_passes(model: nn.Module, done: Callable[[], bool]) -> list[str]:
                     model(**inputs, use_cache=False)
                 else:
                     model(**inputs)
+        except ProbeComplete:
+            break
         except Exception as exc:  # noqa: BLE001 - every failure is reported with its paths
             errors.append(f"{type(exc).__name__}: {exc}")
         if done():
@@ -102,9 +108,24 @@ def run_pseudo_passes(model: nn.Module, done: Callable[[], bool]) -> list[str]:
     return errors
 
 
+def representatives(model: nn.Module, paths: list[str]) -> dict[str, str]:
+    """Each path → the first path with the same structural fingerprint (probe only those)."""
+    if len(set(paths)) <= 1:
+        return {p: p for p in paths}
+    tree = ModuleTree.from_model(model)
+    first: dict[int, str] = {}
+    return {p: first.setdefault(tree.node(p).fingerprint, p) for p in paths}
+
+
 def probe_sizes(model: nn.Module, paths: list[str]) -> dict[str, IOSizes]:
-    """Run a pseudo input through ``model`` and record each module's input/output sizes."""
+    """Run a pseudo input through ``model`` and record each module's input/output sizes.
+
+    Only one module per structural fingerprint is watched, and the pass stops once all of them
+    have run, so a 126-layer model is sized by its first layer.
+    """
     modules = dict(model.named_modules())
+    rep = representatives(model, paths)
+    watched = sorted(set(rep.values()), key=paths.index)
     seen: dict[str, IOSizes] = {}
 
     def recorder(path: str) -> Callable[..., None]:
@@ -112,39 +133,27 @@ def probe_sizes(model: nn.Module, paths: list[str]) -> dict[str, IOSizes]:
             hidden = first_tensor(args, kwargs)
             if hidden is not None:
                 seen[path] = IOSizes(hidden.shape[-1], main_output(output).shape[-1])
+            if all(p in seen for p in watched):
+                raise ProbeComplete
 
         return hook
 
     handles = [
-        modules[p].register_forward_hook(recorder(p), with_kwargs=True) for p in paths
+        modules[p].register_forward_hook(recorder(p), with_kwargs=True) for p in watched
     ]
     try:
-        errors = run_pseudo_passes(model, lambda: all(p in seen for p in paths))
+        errors = run_pseudo_passes(model, lambda: all(p in seen for p in watched))
     finally:
         for handle in handles:
             handle.remove()
-    share_by_fingerprint(model, paths, seen)
-    missing = [p for p in paths if p not in seen]
+    missing = [p for p in paths if rep[p] not in seen]
     if missing:
         raise DeltaError(
             f"could not find the sizes of {', '.join(missing[:5])}: the module declares none and "
             f"a pseudo-input pass did not reach it ({errors[-1] if errors else 'never called'}); "
             "choose modules with declared sizes (Linear, Conv1D, norms) or a route that needs none"
         )
-    return {p: seen[p] for p in paths}
-
-
-def share_by_fingerprint(model: nn.Module, paths: list[str], seen: dict[str, Any]) -> None:
-    """Give paths not yet in ``seen`` the entry of a structurally identical module."""
-    missing = [p for p in paths if p not in seen]
-    if not missing or not seen:
-        return
-    tree = ModuleTree.from_model(model)
-    by_print = {tree.node(p).fingerprint: value for p, value in seen.items() if p in tree.nodes}
-    for path in missing:
-        value = by_print.get(tree.node(path).fingerprint)
-        if value is not None:
-            seen[path] = value
+    return {p: seen[rep[p]] for p in paths}
 
 
 def _accepts_use_cache(model: nn.Module) -> bool:

@@ -48,7 +48,8 @@ class BitFitModel(DeltaBase):
     config_class = BitFitConfig
     default_modified_modules: ClassVar[list[str]] = ["attn", "ff", "layer_norm"]
 
-    def select_targets(self, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
+    @classmethod
+    def select_targets(cls, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
         return descend_to("bitfit", paths, modules, takes_bias,
                           "Linear, Conv1D, Conv2d or norm layers that can take a bias")
 

@@ -26,7 +26,13 @@ from engine.delta import DeltaBase, DeltaModule, descend_to, new_linear
 from engine.errors import DeltaError
 from engine.methods import register
 from engine.routing import RouteHandle
-from engine.sizing import IOSizes, module_device_dtype, run_pseudo_passes, share_by_fingerprint
+from engine.sizing import (
+    IOSizes,
+    ProbeComplete,
+    module_device_dtype,
+    representatives,
+    run_pseudo_passes,
+)
 
 IMPLEMENTATION = "delta_prefix"
 
@@ -121,6 +127,8 @@ def _prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     original = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, binding.eager)
     if binding.probe is not None:
         binding.probe["shape"] = HeadShape(key.shape[1], key.shape[-1])
+        if all("shape" in p for p in binding.probe["all"].values()):
+            raise ProbeComplete
     for prefix in binding.prefixes:
         keys, values = prefix.key_values()
         count = keys.shape[1]
@@ -213,7 +221,8 @@ class PrefixModel(DeltaBase):
     config_class = PrefixConfig
     default_modified_modules: ClassVar[list[str]] = ["attn"]
 
-    def select_targets(self, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
+    @classmethod
+    def select_targets(cls, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
         return descend_to("prefix", paths, modules, dispatches_attention,
                           "transformers attention modules")
 
@@ -226,26 +235,26 @@ class PrefixModel(DeltaBase):
         return result
 
     def _head_shapes(self, modules: dict[str, nn.Module]) -> dict[str, HeadShape]:
-        """Key heads and head size of each module, recorded by one pseudo-input pass."""
-        probes: dict[str, dict[str, Any]] = {}
-        for path, module in modules.items():
-            probes[path] = {}
-            _bind(module).probe = probes[path]
+        """Key heads and head size of each module, recorded by one (early-stopped) pseudo pass."""
+        rep = representatives(self.backbone_model, list(modules))
+        watched = {path: {} for path in dict.fromkeys(rep.values())}  # type: dict[str, dict[str, Any]]
+        for path, probe in watched.items():
+            probe["all"] = watched
+            _bind(modules[path]).probe = probe
         try:
-            errors = run_pseudo_passes(self.backbone_model, lambda: all("shape" in p for p in probes.values()))
+            errors = run_pseudo_passes(
+                self.backbone_model, lambda: all("shape" in p for p in watched.values()))
         finally:
-            for module in modules.values():
-                _BINDINGS[module].probe = None
-                _unbind_if_unused(module)
-        found = {p: probe["shape"] for p, probe in probes.items() if "shape" in probe}
-        share_by_fingerprint(self.backbone_model, list(modules), found)
-        missing = [p for p in modules if p not in found]
+            for path in watched:
+                _BINDINGS[modules[path]].probe = None
+                _unbind_if_unused(modules[path])
+        missing = [p for p in modules if "shape" not in watched[rep[p]]]
         if missing:
             raise DeltaError(
                 f"prefix could not find the head sizes of {', '.join(missing[:5])}: a pseudo-input "
                 f"pass did not reach them ({errors[-1] if errors else 'never called'})"
             )
-        return found
+        return {p: watched[rep[p]]["shape"] for p in modules}
 
     def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
         raise NotImplementedError  # build_deltas sizes prefixes by heads, not by IOSizes

@@ -8,25 +8,28 @@ from tests.designer.evil_models import EVIL_NAME
 
 
 @pytest.fixture()
-def client():
-    app, _ = create_app({"BACKBONE": "catalog:gpt2"})
+def client(tmp_path):
+    app, _ = create_app({"BACKBONE": "catalog:gpt2", "WORKSPACE": str(tmp_path)})
     return app.test_client()
 
 
-def test_nothing_is_loaded_until_first_request():
-    app, socketio = create_app({"BACKBONE": "catalog:gpt2"})
-    assert app.extensions["delta_designer"]._loaded is None
+def test_nothing_is_loaded_until_first_request(tmp_path):
+    app, socketio = create_app({"BACKBONE": "catalog:gpt2", "WORKSPACE": str(tmp_path)})
+    assert app.extensions["delta_designer"].backbones.cached("catalog:gpt2") is None
     assert socketio is not None
+    assert not (tmp_path / "sessions").exists()
 
 
-def test_page_renders_the_collapsed_tree_with_node_paths(client):
+def test_page_shows_the_backbone_and_sets_a_session_cookie(client):
     response = client.get("/")
     assert response.status_code == 200
     html = response.get_data(as_text=True)
-    assert 'data-node-path="transformer.h.*.attn.c_attn"' in html
-    assert 'data-node-path="transformer.h.0.attn.c_attn"' not in html  # folded
-    assert "0-11 ×12" in html
     assert 'data-backbone-parameters="124439808"' in html
+    assert "delta_designer_session=" in response.headers["Set-Cookie"]
+    assert "HttpOnly" in response.headers["Set-Cookie"]
+    tree = client.get("/api/tree").get_json()["tree"]
+    paths = [c["path"] for c in tree["root"]["children"][0]["children"][3]["children"]]
+    assert paths == ["transformer.h.*"]  # folded
 
 
 def test_page_has_a_strict_csp_and_no_inline_script(client):
@@ -43,6 +46,7 @@ def test_page_has_a_strict_csp_and_no_inline_script(client):
 
 def test_api_tree_and_health(client):
     assert client.get("/api/health").get_json() == {"status": "ok"}
+    client.get("/")
     payload = client.get("/api/tree").get_json()
     assert payload["backbone"]["class_name"] == "GPT2LMHeadModel"
     assert payload["backbone"]["is_meta"] is True
@@ -55,15 +59,17 @@ def test_socketio_client_is_served_from_node_modules(client):
     assert b"io" in response.data[:2000] or len(response.data) > 10_000
 
 
-def test_module_names_are_escaped():
-    app, _ = create_app({"BACKBONE": "python:tests.designer.evil_models:evil"})
-    html = app.test_client().get("/").get_data(as_text=True)
+def test_module_names_travel_as_data_never_as_markup(tmp_path):
+    app, _ = create_app({"BACKBONE": "python:tests.designer.evil_models:evil", "WORKSPACE": str(tmp_path)})
+    client = app.test_client()
+    html = client.get("/").get_data(as_text=True)
     assert EVIL_NAME not in html
-    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    names = [c["name"] for c in client.get("/api/tree").get_json()["tree"]["root"]["children"]]
+    assert names[0] == EVIL_NAME  # the browser inserts it with textContent (tests/e2e)
 
 
-def test_token_is_required_when_set():
-    app, _ = create_app({"BACKBONE": "catalog:gpt2", "TOKEN": "s3cret"})
+def test_token_is_required_when_set(tmp_path):
+    app, _ = create_app({"BACKBONE": "catalog:gpt2", "TOKEN": "s3cret", "WORKSPACE": str(tmp_path)})
     client = app.test_client()
     denied = client.get("/api/health")
     assert denied.status_code == 403
@@ -81,9 +87,9 @@ def test_unknown_route_is_a_json_404(client):
     assert response.status_code == 404 and "error" in response.get_json()
 
 
-def test_a_backbone_that_fails_to_load_is_a_clear_400():
-    app, _ = create_app({"BACKBONE": "catalog:nope"})
-    response = app.test_client().get("/api/tree")
+def test_a_backbone_that_fails_to_load_is_a_clear_400(tmp_path):
+    app, _ = create_app({"BACKBONE": "catalog:nope", "WORKSPACE": str(tmp_path)})
+    response = app.test_client().get("/")
     assert response.status_code == 400
     assert "unknown catalog shape 'nope'" in response.get_json()["error"]
 

@@ -66,13 +66,24 @@ def start_server(backbone: str, extra: list[str] | None = None) -> tuple[subproc
 
 
 @pytest.fixture(scope="session")
-def live_server() -> Iterator[str]:
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The designer on the embedded default backbone, as `make run` serves it."""
     ARTIFACTS.mkdir(exist_ok=True)
-    process, url = start_server("minilm")
+    workspace = tmp_path_factory.mktemp("workspace")
+    process, url = start_server("minilm", ["--workspace", str(workspace)])
     yield url
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture()
+def designer(page, live_server: str):
+    """The page opened on the live server, its tree rendered (a fresh session per test)."""
+    page.set_viewport_size({"width": 1280, "height": 720})
+    page.goto(live_server)
+    page.wait_for_selector("[data-tree][data-ready]")
+    page.wait_for_selector("body[data-design-version]")
+    return page
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,168 @@
+"""Socket.IO events (snake_case). Client → server: load_backbone, toggle_nodes, set_group,
+add_group, remove_group, select_group, set_expressions, set_layers, set_dtype. Server → client:
+load_progress, backbone_loaded, design_updated, error.
+
+Every payload is validated; a bad one gets an ``error`` event naming the field, never a
+traceback, and the design stays as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, request
+from flask_socketio import SocketIO, join_room
+
+from designer import payloads as p
+from designer.preview import method_catalogue
+from designer.security import TOKEN_COOKIE
+from designer.session import DesignSession
+from designer.store import SESSION_COOKIE, SessionStore, new_session_id, valid_session_id
+from engine import DeltaError
+
+log = logging.getLogger(__name__)
+
+
+def backbone_message(session: DesignSession) -> dict[str, Any]:
+    loaded, _ = session.require()
+    return {"backbone": loaded.summary(), "tree": loaded.collapsed.to_dict(), "methods": method_catalogue()}
+
+
+def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
+    sessions: dict[str, DesignSession] = {}
+
+    def current() -> DesignSession:
+        session = sessions.get(request.sid)  # type: ignore[attr-defined]
+        if session is None:
+            raise p.PayloadError("this connection has no session; reload the page")
+        return session
+
+    def report(error: Exception, event: str, payload: Any) -> None:
+        group = payload.get("group_id") if isinstance(payload, dict) else None
+        field = getattr(error, "field", None)
+        socketio.emit("error", {"event": event, "message": str(error), "field": field,
+                                "group_id": group}, to=request.sid)  # type: ignore[attr-defined]
+
+    def handler(event: str) -> Callable[[Callable[[DesignSession, dict[str, Any]], None]], None]:
+        """Register ``event``: validate, run, then broadcast the design to the session's tabs."""
+
+        def wrap(function: Callable[[DesignSession, dict[str, Any]], None]) -> None:
+            @functools.wraps(function)
+            def run(payload: Any = None) -> None:
+                try:
+                    session = current()
+                    function(session, p.as_object(payload, event))
+                    socketio.emit("design_updated", session.snapshot(), to=session.id)
+                except (p.PayloadError, DeltaError) as error:
+                    report(error, event, payload)
+                except Exception as error:  # noqa: BLE001 - the server must stay up
+                    log.exception("event %s failed", event)
+                    report(RuntimeError(f"internal error in {event}: {type(error).__name__}"), event, payload)
+
+            socketio.on_event(event, run)
+
+        return wrap
+
+    @socketio.on("connect")
+    def connect(auth: Any = None) -> bool:
+        token = app.config.get("TOKEN")
+        given = request.cookies.get(TOKEN_COOKIE)
+        if not given and isinstance(auth, dict):
+            given = auth.get("token")
+        if token and not (given and secrets.compare_digest(str(given), token)):
+            return False
+        cookie = request.cookies.get(SESSION_COOKIE)
+        session = store.get(cookie if valid_session_id(cookie) else new_session_id())
+        sessions[request.sid] = session  # type: ignore[attr-defined]
+        join_room(session.id)
+        socketio.emit("hello", {"methods": method_catalogue(), "session": session.id[:6]}, to=request.sid)  # type: ignore[attr-defined]
+        if session.loaded is not None:
+            socketio.emit("backbone_loaded", backbone_message(session), to=request.sid)  # type: ignore[attr-defined]
+            socketio.emit("design_updated", session.snapshot(), to=request.sid)  # type: ignore[attr-defined]
+        return True
+
+    @socketio.on("disconnect")
+    def disconnect(*_: Any) -> None:
+        sessions.pop(request.sid, None)  # type: ignore[attr-defined]
+
+    @socketio.on("load_backbone")
+    def load_backbone(payload: Any = None) -> None:
+        try:
+            session = current()
+            source = p.text(p.as_object(payload, "load_backbone"), "source")
+        except p.PayloadError as error:
+            report(error, "load_backbone", payload)
+            return
+        sid = request.sid  # type: ignore[attr-defined]
+        socketio.start_background_task(_load, socketio, store, session, source.strip(), sid)
+
+    @handler("add_group")
+    def add_group(session: DesignSession, payload: dict[str, Any]) -> None:
+        session.add_group(p.text(payload, "method", optional=True) or "lora")
+
+    @handler("remove_group")
+    def remove_group(session: DesignSession, payload: dict[str, Any]) -> None:
+        session.remove_group(p.text(payload, "group_id"))
+
+    @handler("select_group")
+    def select_group(session: DesignSession, payload: dict[str, Any]) -> None:
+        session.select_group(p.text(payload, "group_id"))
+
+    @handler("set_group")
+    def set_group(session: DesignSession, payload: dict[str, Any]) -> None:
+        session.set_group(
+            p.text(payload, "group_id"),
+            name=p.text(payload, "name", optional=True),
+            method=p.text(payload, "method", optional=True),
+            route=p.text(payload, "route", optional=True),
+            hyperparameters=p.mapping(payload, "hyperparameters", optional=True),
+        )
+
+    @handler("toggle_nodes")
+    def toggle_nodes(session: DesignSession, payload: dict[str, Any]) -> None:
+        session.toggle_nodes(p.text(payload, "group_id"), p.text_list(payload, "paths"),
+                             p.boolean(payload, "checked"))
+
+    @handler("set_expressions")
+    def set_expressions(session: DesignSession, payload: dict[str, Any]) -> None:
+        session.set_expressions(p.text(payload, "group_id"), p.text_list(payload, "expressions"))
+
+    @handler("set_layers")
+    def set_layers(session: DesignSession, payload: dict[str, Any]) -> None:
+        session.set_layers(p.text(payload, "group_id"), p.text(payload, "node_path"),
+                           p.text(payload, "layers"))
+
+    @handler("set_dtype")
+    def set_dtype(session: DesignSession, payload: dict[str, Any]) -> None:
+        session.set_dtype(p.text(payload, "dtype"))
+
+
+def _load(socketio: SocketIO, store: SessionStore, session: DesignSession, source: str, sid: str) -> None:
+    """Load a backbone in the background, streaming progress, then show it to the session."""
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] > 0.05:
+            last[0] = now
+            socketio.emit("load_progress", {"source": source, "done": done, "total": total}, to=sid)
+
+    socketio.emit("load_progress", {"source": source, "done": 0, "total": 1}, to=sid)
+    try:
+        loaded = store.backbones.get(source, progress)
+        store.use(session, loaded)
+        socketio.emit("load_progress", {"source": source, "done": 1, "total": 1}, to=sid)
+        socketio.emit("backbone_loaded", backbone_message(session), to=session.id)
+        socketio.emit("design_updated", session.snapshot(), to=session.id)
+    except DeltaError as error:
+        socketio.emit("error", {"event": "load_backbone", "message": str(error), "field": "backbone",
+                                "group_id": None}, to=sid)
+    except Exception as error:  # noqa: BLE001 - report, never crash the server
+        log.exception("loading %s failed", source)
+        socketio.emit("error", {"event": "load_backbone", "field": "backbone", "group_id": None,
+                                "message": f"could not load {source!r}: {type(error).__name__}: {error}"}, to=sid)

@@ -1,0 +1,148 @@
+"""What the page shows for a design, computed by the engine: compiled expressions, match counts,
+exact trainable counts, node marks and totals. Results are cached per backbone, so a tick only
+recomputes the group it changed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
+
+from engine import (
+    checkpoint_bytes,
+    compile_selection,
+    estimate_delta,
+    method_for,
+    module_parameters,
+    resolve,
+    training_memory,
+)
+
+if TYPE_CHECKING:
+    from designer.session import Group
+    from designer.state import LoadedBackbone
+
+UNFREEZE = "unfreeze"
+
+
+class _LRU:
+    def __init__(self, size: int = 512) -> None:
+        self.size, self.items = size, OrderedDict()  # type: int, OrderedDict[Hashable, Any]
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = compute()
+        self.items[key] = value
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return value
+
+
+class Previewer:
+    """Engine computations for one loaded backbone, memoised."""
+
+    def __init__(self, loaded: LoadedBackbone) -> None:
+        self.loaded = loaded
+        self._expressions = _LRU()
+        self._counts = _LRU()
+        self._trainable = _LRU()
+
+    def expressions(self, selection: list[str]) -> list[str]:
+        key = frozenset(selection)
+        return self._expressions.get(key, lambda: compile_selection(self.loaded.twin_tree, selection))
+
+    def match_counts(self, expressions: list[str]) -> dict[str, int]:
+        if not expressions:
+            return {}
+        return self._counts.get(tuple(expressions),
+                                lambda: resolve(self.loaded.twin_tree, expressions).counts())
+
+    def trainable(self, group: Group) -> int:
+        """Exact trainable parameters of a group (raises the engine's error if it cannot build)."""
+        expressions = self.expressions(group.selection)
+        if not expressions:
+            return 0
+        if group.method == UNFREEZE:
+            return module_parameters(self.loaded.twin_tree, group.selection)
+        key = (group.method, group.route, json.dumps(group.hyperparameters, sort_keys=True), tuple(expressions))
+        return self._trainable.get(key, lambda: estimate_delta(
+            self.loaded.twin, group.config(expressions), self.loaded.twin_tree).total)
+
+    def marks(self, groups: list[Group]) -> dict[str, dict[str, str]]:
+        """Collapsed node path → {group id: "full" | "partial"} for the groups touching it."""
+        marks: dict[str, dict[str, str]] = {}
+        for group in groups:
+            selected = set(group.selection)
+            ancestors = {p.rsplit(".", i)[0] for p in selected for i in range(1, p.count(".") + 1)}
+            for node in self.loaded.collapsed.root.walk():
+                if not node.path:
+                    continue
+                members = node.member_paths
+                hits = sum(1 for m in members if m in selected)
+                if hits == len(members):
+                    marks.setdefault(node.path, {})[group.id] = "full"
+                elif hits or any(m in ancestors for m in members):
+                    marks.setdefault(node.path, {})[group.id] = "partial"
+        return marks
+
+    def snapshot(self, groups: list[Group], dtype: str, active: str | None) -> dict[str, Any]:
+        """The ``design_updated`` payload."""
+        loaded = self.loaded
+        rows, total = [], 0
+        for group in groups:
+            expressions = self.expressions(group.selection)
+            trainable = self.trainable(group)
+            total += trainable
+            rows.append({**group.public(), "expressions": expressions, "modules": len(group.selection),
+                         "match_counts": self.match_counts(expressions), "trainable": trainable})
+        backbone = loaded.tree.total_parameters
+        return {
+            "backbone": loaded.summary(),
+            "groups": rows,
+            "active_group": active,
+            "marks": self.marks(groups),
+            "totals": {
+                "trainable": total,
+                "backbone": backbone,
+                "percent": 100.0 * total / backbone if backbone else 0.0,
+                "checkpoint_bytes": checkpoint_bytes(total),
+                "memory": training_memory(backbone, total, dtype),
+            },
+            "exports": {"peft": peft_availability(groups)},
+        }
+
+
+def peft_availability(groups: list[Group]) -> dict[str, Any]:
+    """Whether the design can be written as a PEFT adapter_config.json, and why not."""
+    deltas = [g for g in groups if g.selection and g.method != UNFREEZE]
+    if len(deltas) != 1:
+        return {"available": False,
+                "reason": f"PEFT holds one adapter per config; this design has {len(deltas)} delta groups"}
+    if deltas[0].method != "lora":
+        return {"available": False,
+                "reason": f"PEFT export covers LoRA here; this design uses {deltas[0].method}"}
+    return {"available": True, "reason": ""}
+
+
+def method_catalogue() -> list[dict[str, Any]]:
+    """Every registered method with its routes and hyper-parameter schema (plus 'unfreeze')."""
+    from engine import registered_methods
+
+    methods = [
+        {"delta_type": name, "routes": list(cls.config_class.routes),
+         "hyperparameters": cls.config_class.hyperparameters(),
+         "defaults": list(cls.default_modified_modules)}
+        for name, cls in sorted(registered_methods().items())
+    ]
+    methods.append({"delta_type": UNFREEZE, "routes": [], "hyperparameters": [], "defaults": []})
+    return methods
+
+
+def default_hyperparameters(method: str) -> dict[str, Any]:
+    if method == UNFREEZE:
+        return {}
+    return {h["name"]: h["default"] for h in method_for(method).config_class.hyperparameters()}

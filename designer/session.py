@@ -1,0 +1,341 @@
+"""One person's design in progress: delta groups, their selections, and every edit to them.
+
+Each edit is applied to a copy of the group and validated by the engine (config, expressions,
+what the method can wrap) before it replaces the original, so a bad edit raises and leaves the
+last valid design intact. Every accepted edit is autosaved.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from designer.payloads import PayloadError
+from designer.preview import UNFREEZE, Previewer, default_hyperparameters
+from designer.state import LoadedBackbone
+from engine import (
+    DTYPE_BYTES,
+    ConfigError,
+    DeltaConfig,
+    DeltaError,
+    Design,
+    TreeNode,
+    format_indices,
+    method_for,
+    expand_common_names,
+    parse_indices,
+    resolve,
+)
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class Group:
+    """A delta group (one method on a selection of modules) or the 'unfreeze' group."""
+
+    id: str
+    name: str
+    method: str
+    route: str | None
+    hyperparameters: dict[str, Any]
+    selection: list[str] = field(default_factory=list)
+    layer_ranges: dict[str, list[int]] = field(default_factory=dict)
+
+    def config(self, expressions: list[str]) -> DeltaConfig:
+        config_class = method_for(self.method).config_class
+        return config_class.from_dict({**self.hyperparameters, "route": self.route, "name": self.name,
+                                       "modified_modules": expressions})
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "method": self.method, "route": self.route,
+                "hyperparameters": self.hyperparameters,
+                "layer_ranges": {k: format_indices(v) for k, v in self.layer_ranges.items()}}
+
+
+class DesignSession:
+    """The design one browser context edits; thread-safe, autosaved through ``save``."""
+
+    def __init__(self, session_id: str, save: Callable[[dict[str, Any]], None]) -> None:
+        self.id = session_id
+        self.loaded: LoadedBackbone | None = None
+        self.preview: Previewer | None = None
+        self.groups: list[Group] = []
+        self.active: str | None = None
+        self.dtype = "bfloat16"
+        self.lock = threading.RLock()
+        self._save = save
+        self._counter = 0
+
+    # --- backbone ----------------------------------------------------------------------------
+
+    def use_backbone(self, loaded: LoadedBackbone, previewer: Previewer) -> None:
+        with self.lock:
+            if self.loaded is loaded:
+                return
+            self.loaded, self.preview = loaded, previewer
+            self.groups, self.active = [], None
+            self.add_group("lora")
+
+    def require(self) -> tuple[LoadedBackbone, Previewer]:
+        if self.loaded is None or self.preview is None:
+            raise PayloadError("no backbone is loaded yet; choose one first", "backbone")
+        return self.loaded, self.preview
+
+    # --- groups ------------------------------------------------------------------------------
+
+    def group(self, group_id: Any) -> Group:
+        for group in self.groups:
+            if group.id == group_id:
+                return group
+        raise PayloadError(f"there is no group {group_id!r}", "group_id")
+
+    def add_group(self, method: str = "lora") -> Group:
+        with self.lock:
+            self.require()
+            self._check_method(method)
+            self._counter += 1
+            group = Group(f"g{self._counter}", f"{method}_{self._counter}", method,
+                          self._default_route(method), default_hyperparameters(method))
+            self.groups.append(group)
+            self.active = group.id
+            self._commit()
+            return group
+
+    def remove_group(self, group_id: str) -> None:
+        with self.lock:
+            group = self.group(group_id)
+            self.groups.remove(group)
+            if self.active == group_id:
+                self.active = self.groups[-1].id if self.groups else None
+            self._commit()
+
+    def select_group(self, group_id: str) -> None:
+        with self.lock:
+            self.active = self.group(group_id).id
+            self._commit()
+
+    def set_group(self, group_id: str, *, name: str | None = None, method: str | None = None,
+                  route: str | None = None, hyperparameters: dict[str, Any] | None = None) -> None:
+        with self.lock:
+            edited = copy.deepcopy(self.group(group_id))
+            if method is not None and method != edited.method:
+                self._check_method(method)
+                prefix, _, number = edited.name.rpartition("_")
+                if prefix == edited.method and number.isdigit():  # an automatic name follows the method
+                    edited.name = f"{method}_{number}"
+                edited.method, edited.route = method, self._default_route(method)
+                edited.hyperparameters = default_hyperparameters(method)
+            if name is not None:
+                if not _NAME.match(name):
+                    raise PayloadError(f"group name {name!r} must be a Python identifier", "name")
+                if any(g.name == name and g.id != group_id for g in self.groups):
+                    raise PayloadError(f"another group is already named {name!r}", "name")
+                edited.name = name
+            if route is not None:
+                edited.route = route
+            if hyperparameters is not None:
+                known = set(default_hyperparameters(edited.method))
+                unknown = sorted(set(hyperparameters) - known)
+                if unknown:
+                    raise PayloadError(f"{edited.method} has no option {', '.join(unknown)}", "hyperparameters")
+                edited.hyperparameters = {**edited.hyperparameters, **hyperparameters}
+            self._replace(edited)
+
+    # --- selections --------------------------------------------------------------------------
+
+    def toggle_nodes(self, group_id: str, node_paths: list[str], checked: bool) -> None:
+        """Tick or untick collapsed nodes: every member module, within the group's layer ranges."""
+        with self.lock:
+            loaded, _ = self.require()
+            edited = copy.deepcopy(self.group(group_id))
+            chosen = set(edited.selection)
+            for node_path in node_paths:
+                paths = self._members_in_range(edited, node_path)
+                chosen = chosen | set(paths) if checked else chosen - set(paths)
+            edited.selection = [p for p in loaded.tree.paths if p in chosen]
+            self._replace(edited)
+
+    def set_expressions(self, group_id: str, expressions: list[str]) -> None:
+        """Replace a group's selection by what typed expressions resolve to (errors change nothing)."""
+        with self.lock:
+            loaded, _ = self.require()
+            edited = copy.deepcopy(self.group(group_id))
+            typed = [e for e in expressions if e.strip()]
+            if typed:
+                try:
+                    edited.selection = resolve(loaded.twin_tree, expand_common_names(loaded.twin, typed)).paths
+                except DeltaError as error:
+                    raise PayloadError(str(error), "expressions") from error
+            else:
+                edited.selection = []
+            edited.layer_ranges = {}
+            self._replace(edited, field="expressions")
+
+    def set_layers(self, group_id: str, node_path: str, text: str) -> None:
+        """Restrict a folded group's selection (and later ticks) to some layers, e.g. ``0-5``."""
+        with self.lock:
+            loaded, _ = self.require()
+            node = self._node(node_path)
+            if not node.is_group:
+                raise PayloadError(f"{node_path!r} is not a folded group of layers", "layers")
+            try:
+                layers = parse_indices(text)
+            except ValueError as error:
+                raise PayloadError(str(error), "layers") from error
+            outside = sorted(set(layers) - set(node.members or []))
+            if outside:
+                raise PayloadError(f"layers {format_indices(outside)} are not in "
+                                   f"{format_indices(node.members or [])}", "layers")
+            edited = copy.deepcopy(self.group(group_id))
+            prefixes = dict(zip(node.members or [], node.member_paths))
+            tails = set()
+            for path in edited.selection:
+                for prefix in node.member_paths:
+                    if path == prefix or path.startswith(prefix + "."):
+                        tails.add(path[len(prefix):])
+            inside = {p for p in edited.selection if any(p == q or p.startswith(q + ".") for q in node.member_paths)}
+            chosen = (set(edited.selection) - inside) | {prefixes[i] + t for i in layers for t in tails}
+            edited.selection = [p for p in loaded.tree.paths if p in chosen]
+            edited.layer_ranges = {**edited.layer_ranges, node_path: layers}
+            if layers == node.members:
+                edited.layer_ranges.pop(node_path)
+            self._replace(edited, field="layers")
+
+    def set_dtype(self, dtype: str) -> None:
+        with self.lock:
+            if dtype not in DTYPE_BYTES:
+                raise PayloadError(f"dtype must be one of {', '.join(DTYPE_BYTES)}", "dtype")
+            self.dtype = dtype
+            self._commit()
+
+    # --- designs -----------------------------------------------------------------------------
+
+    def design(self) -> Design:
+        """The ``Design`` these groups describe (empty groups are left out)."""
+        loaded, preview = self.require()
+        deltas = [g.config(preview.expressions(g.selection))
+                  for g in self.groups if g.selection and g.method != UNFREEZE]
+        unfrozen = sorted({p for g in self.groups if g.method == UNFREEZE for p in g.selection},
+                          key=loaded.tree.order().__getitem__)
+        backbone = {"source": loaded.source, "class": loaded.backbone.class_name,
+                    "parameters": loaded.tree.total_parameters}
+        return Design(deltas, preview.expressions(unfrozen) if unfrozen else [], backbone)
+
+    def import_design(self, design: Design) -> None:
+        """Replace the groups by an imported design; its recorded modules must still match."""
+        with self.lock:
+            loaded, _ = self.require()
+            applied = design.apply(loaded.twin)  # checks resolved_modules, raises on mismatch
+            applied.detach()
+            groups = []
+            for index, config in enumerate(design.deltas, start=1):
+                selection = resolve(loaded.twin_tree, expand_common_names(
+                    loaded.twin, config.modified_modules or method_for(config.delta_type).default_modified_modules),
+                    expand_common_names(loaded.twin, config.exclude_modules)).paths
+                values = config.to_dict()
+                hyper = {k: values[k] for k in default_hyperparameters(config.delta_type)}
+                groups.append(Group(f"g{self._counter + index}", str(config.name), config.delta_type,
+                                    config.route, hyper, selection))
+            self._counter += len(groups)
+            if design.unfrozen_modules:
+                self._counter += 1
+                groups.append(Group(f"g{self._counter}", "unfrozen", UNFREEZE, None, {},
+                                    applied.unfrozen_paths))
+            self.groups = groups
+            self.active = groups[0].id if groups else None
+            self._commit()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            _, preview = self.require()
+            return preview.snapshot(self.groups, self.dtype, self.active)
+
+    def state(self) -> dict[str, Any]:
+        """What the autosave file holds (selections as compiled expressions)."""
+        with self.lock:
+            if self.loaded is None or self.preview is None:
+                return {"backbone": None, "groups": []}
+            return {
+                "backbone": self.loaded.source, "active": self.active, "dtype": self.dtype,
+                "counter": self._counter,
+                "groups": [{**g.public(), "expressions": self.preview.expressions(g.selection)}
+                           for g in self.groups],
+            }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Rebuild groups from :meth:`state` output (after ``use_backbone``)."""
+        with self.lock:
+            loaded, _ = self.require()
+            groups = []
+            for saved in state.get("groups", []):
+                expressions = saved.get("expressions") or []
+                selection = resolve(loaded.twin_tree, expressions).paths if expressions else []
+                ranges = {k: parse_indices(v) for k, v in (saved.get("layer_ranges") or {}).items()}
+                groups.append(Group(saved["id"], saved["name"], saved["method"], saved.get("route"),
+                                    dict(saved.get("hyperparameters") or {}), selection, ranges))
+            self.groups = groups
+            self.active = state.get("active")
+            self.dtype = state.get("dtype", self.dtype)
+            self._counter = int(state.get("counter", len(groups)))
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _node(self, node_path: str) -> TreeNode:
+        loaded, _ = self.require()
+        node = loaded.collapsed.nodes.get(node_path)
+        if node is None or not node_path:
+            raise PayloadError(f"there is no module {node_path!r} in this backbone", "node")
+        return node
+
+    def _members_in_range(self, group: Group, node_path: str) -> list[str]:
+        node = self._node(node_path)
+        paths = node.member_paths
+        for folded, layers in group.layer_ranges.items():
+            if node_path == folded or node_path.startswith(folded + "."):
+                depth = folded.count(".")
+                paths = [p for p in paths if int(p.split(".")[depth]) in layers]
+        return paths
+
+    def _check_method(self, method: str) -> None:
+        if method != UNFREEZE:
+            try:
+                method_for(method)
+            except ConfigError as error:
+                raise PayloadError(str(error), "method") from error
+
+    @staticmethod
+    def _default_route(method: str) -> str | None:
+        return None if method == UNFREEZE else method_for(method).config_class.routes[0]
+
+    def _replace(self, edited: Group, field: str | None = None) -> None:
+        """Validate ``edited`` with the engine, then swap it in and autosave."""
+        _, preview = self.require()
+        if edited.method != UNFREEZE:
+            try:
+                edited.config(preview.expressions(edited.selection) or ["placeholder"])
+                preview.trainable(edited)
+            except ConfigError as error:
+                raise PayloadError(str(error), field or _field_of(error, edited)) from error
+            except DeltaError as error:  # e.g. the method cannot wrap a ticked module
+                raise PayloadError(str(error), field or "selection") from error
+        self.groups = [edited if g.id == edited.id else g for g in self.groups]
+        self._commit()
+
+    def _commit(self) -> None:
+        self._save(self.state())
+
+
+def _field_of(error: Exception, group: Group) -> str:
+    """The form control an engine config error is about (``hyper:NAME``, route or name)."""
+    message = str(error)
+    for name in group.hyperparameters:
+        if name in message:
+            return f"hyper:{name}"
+    if "route" in message:
+        return "route"
+    return "name" if "name" in message else "hyperparameters"

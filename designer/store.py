@@ -1,0 +1,93 @@
+"""Sessions by id (one per browser context, from a cookie), autosaved to the workspace.
+
+Each accepted edit rewrites ``<workspace>/sessions/<id>.json`` atomically, so a reload — or a
+server restart — finds the design where it was left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from designer.preview import Previewer
+from designer.session import DesignSession
+from designer.state import BackboneCache, LoadedBackbone
+from engine import DeltaError, atomic_write_bytes
+
+SESSION_COOKIE = "delta_designer_session"
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+log = logging.getLogger(__name__)
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def valid_session_id(value: str | None) -> bool:
+    return bool(value and _SESSION_ID.match(value))
+
+
+class SessionStore:
+    """Creates, restores and autosaves design sessions; holds one previewer per backbone."""
+
+    def __init__(self, workspace: Path, backbones: BackboneCache) -> None:
+        self.directory = workspace / "sessions"
+        self.backbones = backbones
+        self._sessions: dict[str, DesignSession] = {}
+        self._previewers: dict[int, Previewer] = {}
+        self._guard = threading.Lock()
+
+    def previewer(self, loaded: LoadedBackbone) -> Previewer:
+        with self._guard:
+            return self._previewers.setdefault(id(loaded), Previewer(loaded))
+
+    def get(self, session_id: str) -> DesignSession:
+        """The session for ``session_id`` (restored from its autosave file on first use)."""
+        if not valid_session_id(session_id):
+            raise ValueError("invalid session id")
+        with self._guard:
+            session = self._sessions.get(session_id)
+            if session is None:
+                session = DesignSession(session_id, lambda state, sid=session_id: self._save(sid, state))
+                self._sessions[session_id] = session
+                restore = True
+            else:
+                restore = False
+        if restore:
+            self._restore(session)
+        return session
+
+    def use(self, session: DesignSession, loaded: LoadedBackbone) -> None:
+        session.use_backbone(loaded, self.previewer(loaded))
+
+    def _path(self, session_id: str) -> Path:
+        return self.directory / f"{session_id}.json"
+
+    def _save(self, session_id: str, state: dict[str, Any]) -> None:
+        atomic_write_bytes(self._path(session_id), json.dumps(state, indent=1).encode())
+
+    def _restore(self, session: DesignSession) -> None:
+        path = self._path(session.id)
+        if not path.is_file():
+            return
+        try:
+            state = json.loads(path.read_text())
+            source = state.get("backbone")
+            if not source:
+                return
+            loaded = self.backbones.get(source)
+            with session.lock:
+                session.loaded, session.preview = loaded, self.previewer(loaded)
+                session.restore(state)
+        except (OSError, ValueError, KeyError, TypeError, DeltaError) as error:
+            # keep the unreadable design beside, never overwrite it, and start afresh
+            kept = path.with_suffix(f".unrestorable-{int(time.time())}.json")
+            path.replace(kept)
+            log.warning("could not restore session %s (%s); kept it as %s", session.id, error, kept)
+            session.loaded = session.preview = None

@@ -1,0 +1,1 @@
+"""Moving deltas to and from other libraries' formats."""

@@ -1,0 +1,168 @@
+// The designer page: one socket, one design. Every number shown comes from the server (engine).
+import { io } from "/vendor/socket.io/socket.io.esm.min.js";
+import { $, clearErrors, exact, humanBytes, showError } from "./dom.js";
+import { GroupsView } from "./groups.js";
+import { TreeView, renderTree } from "./tree.js";
+
+const socket = io({ transports: ["websocket", "polling"] });
+const state = { design: null, activeId: null, backbones: null };
+window.deltaDesigner = { state, socket };  // for tests and the curious
+
+function send(event, payload = {}) {
+  clearErrors($("[data-groups]"));
+  socket.emit(event, payload);
+}
+
+const tree = new TreeView($("[data-tree]"), {
+  onToggle: (path, checked) => { if (state.activeId) send("toggle_nodes", { group_id: state.activeId, paths: [path], checked }); },
+  onLayers: (path, layers) => { if (state.activeId) send("set_layers", { group_id: state.activeId, node_path: path, layers }); },
+});
+const groups = new GroupsView($("[data-groups]"), send);
+
+// --- server events ---------------------------------------------------------------------------
+
+socket.on("hello", (message) => groups.setMethods(message.methods));
+
+socket.on("backbone_loaded", (message) => {
+  groups.setMethods(message.methods);
+  const summary = message.backbone;
+  $("[data-backbone-summary]").dataset.backboneSource = summary.source;
+  $("[data-backbone-class]").textContent = `${summary.class_name} · ${summary.source}`;
+  const params = $("[data-backbone-parameters]");
+  params.dataset.backboneParameters = summary.parameters;
+  params.textContent = exact(summary.parameters);
+  $("[data-backbone-meta]").hidden = !summary.is_meta;
+  $("[data-module-count]").textContent = `${summary.modules} modules, repeated layers folded`;
+  tree.render(message.tree.root);
+  $("[data-built]").hidden = true;
+  $("[data-tree]").dataset.ready = summary.source;
+  applySearch();
+});
+
+socket.on("design_updated", (design) => {
+  state.design = design;
+  state.activeId = design.active_group;
+  const active = design.groups.find((g) => g.id === design.active_group);
+  tree.update(design.marks, design.groups, design.active_group, active ? active.layer_ranges : {});
+  groups.update(design.groups, design.active_group);
+  const totals = design.totals;
+  $("[data-total-trainable]").textContent = exact(totals.trainable);
+  $("[data-total-percent]").textContent = totals.percent.toFixed(4);
+  $("[data-checkpoint-size]").textContent = humanBytes(totals.checkpoint_bytes);
+  $("[data-memory]").textContent = humanBytes(totals.memory.total_bytes);
+  if (document.activeElement !== $("[data-dtype]")) $("[data-dtype]").value = totals.memory.dtype;
+  const peft = $('[data-export="peft"]');
+  peft.setAttribute("aria-disabled", String(!design.exports.peft.available));
+  peft.dataset.exportReason = design.exports.peft.reason;
+  $("[data-export-note]").textContent = design.exports.peft.available ? "" : `PEFT: ${design.exports.peft.reason}`;
+  document.body.dataset.designVersion = String(Number(document.body.dataset.designVersion || 0) + 1);
+});
+
+socket.on("load_progress", ({ done, total, source }) => {
+  const box = $("[data-load-progress]");
+  box.hidden = done >= total;
+  $("[data-load-bar]").style.width = `${Math.round((100 * done) / Math.max(total, 1))}%`;
+  $("[data-load-text]").textContent = `loading ${source}: ${done}/${total}`;
+});
+
+socket.on("error", (error) => {
+  const panel = error.group_id ? $(`[data-group-id="${CSS.escape(error.group_id)}"]`) : null;
+  const field = error.field || "group";
+  if (field === "backbone") { $("[data-load-progress]").hidden = true; showError(document, "backbone", error.message); return; }
+  if (field === "layers" || field === "node") { showError(document, "group", error.message); return; }
+  showError(panel || document, panel ? field : (field === "dtype" ? "dtype" : "group"), error.message);
+});
+
+socket.on("connect_error", (error) => showError(document, "group", `not connected: ${error.message}`));
+
+// --- backbone picker -------------------------------------------------------------------------
+
+async function backbones() {
+  if (!state.backbones) state.backbones = await (await fetch("/api/backbones")).json();
+  return state.backbones;
+}
+
+$("[data-backbone-kind]").addEventListener("change", async (event) => {
+  const kind = event.target.value;
+  const input = $("[data-backbone-input]");
+  input.disabled = kind === "default";
+  input.value = "";
+  const options = $("[data-backbone-options]");
+  const list = await backbones();
+  const values = kind === "catalog" ? list.catalog.map((c) => c.name) : kind === "arch" ? list.architectures : [];
+  options.replaceChildren(...values.map((value) => Object.assign(document.createElement("option"), { value })));
+  input.placeholder = { catalog: "e.g. llama-3.1-405b", arch: "e.g. mixtral", dir: "/path/to/model", default: "" }[kind];
+  if (kind !== "default") input.focus();
+});
+
+$("[data-backbone-form]").addEventListener("submit", (event) => {
+  event.preventDefault();
+  showError(document, "backbone", "");
+  const kind = $("[data-backbone-kind]").value;
+  const value = $("[data-backbone-input]").value.trim();
+  if (kind !== "default" && !value) { showError(document, "backbone", "type a name or a path first"); return; }
+  const source = { default: "minilm", catalog: `catalog:${value}`, arch: `arch:${value}`, dir: value }[kind];
+  socket.emit("load_backbone", { source });
+});
+
+// --- search, dtype, groups -------------------------------------------------------------------
+
+function applySearch() {
+  showError(document, "search", tree.filter($("[data-tree-search]").value) || "");
+}
+$("[data-tree-search]").addEventListener("input", applySearch);
+$("[data-dtype]").addEventListener("change", (event) => send("set_dtype", { dtype: event.target.value }));
+$("[data-add-group]").addEventListener("click", () => send("add_group", { method: "lora" }));
+
+// --- build, export, import -------------------------------------------------------------------
+
+async function postJSON(url, body) {
+  const response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body });
+  const data = await response.json();
+  if (!response.ok) throw new Error(data.error || response.statusText);
+  return data;
+}
+
+$("[data-build]").addEventListener("click", async () => {
+  showError(document, "build", "");
+  const result = $("[data-build-result]");
+  result.textContent = "building…";
+  try {
+    const built = await postJSON("/api/design/build", "{}");
+    result.textContent = `engine: ${exact(built.trainable)} trainable (preview ${exact(built.preview_trainable)})`;
+    result.dataset.buildTrainable = built.trainable;
+    result.dataset.previewTrainable = built.preview_trainable;
+    renderTree($("[data-built-tree]"), built.tree.root, { checkable: false });
+    $("[data-built]").hidden = false;
+  } catch (error) {
+    result.textContent = "";
+    showError(document, "build", error.message);
+  }
+});
+
+document.addEventListener("click", (event) => {
+  const link = event.target.closest('[data-export][aria-disabled="true"]');
+  if (link) { event.preventDefault(); showError(document, "group", link.dataset.exportReason); }
+});
+
+async function importText(text) {
+  showError(document, "import", "");
+  try {
+    JSON.parse(text);
+  } catch (error) {
+    showError(document, "import", `not JSON: ${error.message}`);
+    return;
+  }
+  try {
+    await postJSON("/api/design/import", text);
+    $("[data-import-panel]").open = false;
+  } catch (error) {
+    showError(document, "import", error.message);
+  }
+}
+$('[data-import="file"]').addEventListener("change", async (event) => {
+  const [file] = event.target.files;
+  if (file) await importText(await file.text());
+  event.target.value = "";
+});
+$('[data-import="apply"]').addEventListener("click", () => importText($('[data-import="text"]').value));

@@ -1,0 +1,158 @@
+"""Socket events against a real app (Flask-SocketIO's test client): edits, validation, isolation."""
+
+import json
+
+import pytest
+
+from designer.app import create_app
+
+
+@pytest.fixture()
+def server(tmp_path):
+    app, socketio = create_app({"BACKBONE": "catalog:bert-base-uncased", "WORKSPACE": str(tmp_path)})
+    return app, socketio
+
+
+def connect(app, socketio):
+    http = app.test_client()
+    http.get("/")  # sets the session cookie and shows the server's backbone
+    client = socketio.test_client(app, flask_test_client=http)
+    assert client.is_connected()
+    return http, client
+
+
+def last(client, name):
+    events = [e for e in client.get_received() if e["name"] == name]
+    assert events, f"no {name} event"
+    return events[-1]["args"][0]
+
+
+def test_connect_sends_methods_backbone_and_design(server):
+    _, client = connect(*server)
+    received = {e["name"]: e["args"][0] for e in client.get_received()}
+    assert [m["delta_type"] for m in received["hello"]["methods"]] == ["adapter", "bitfit", "lora", "prefix", "unfreeze"]
+    assert received["backbone_loaded"]["backbone"]["parameters"] == 109_482_240
+    design = received["design_updated"]
+    assert [g["method"] for g in design["groups"]] == ["lora"] and design["totals"]["trainable"] == 0
+
+
+def test_ticks_ranges_and_expressions_update_counts(server):
+    _, client = connect(*server)
+    group = last(client, "design_updated")["groups"][0]["id"]
+    client.emit("toggle_nodes", {"group_id": group, "checked": True,
+                                 "paths": ["encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value"]})
+    design = last(client, "design_updated")
+    assert design["groups"][0]["expressions"] == ["query", "value"]
+    assert design["totals"]["trainable"] == 294_912
+    assert design["marks"]["encoder.layer.*.attention.self.query"] == {group: "full"}
+    assert design["marks"]["encoder.layer.*.attention"] == {group: "partial"}
+    client.emit("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "0-5"})
+    design = last(client, "design_updated")
+    assert design["totals"]["trainable"] == 294_912 // 2
+    assert design["groups"][0]["expressions"] == [r"[r]layer\.(0|1|2|3|4|5)\.attention\.self\.query",
+                                                  r"[r]layer\.(0|1|2|3|4|5)\.attention\.self\.value"]
+    client.emit("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "6,8,10"})
+    assert last(client, "design_updated")["totals"]["trainable"] == 294_912 // 4
+    client.emit("set_expressions", {"group_id": group, "expressions": ["attn.q"]})
+    design = last(client, "design_updated")
+    assert design["groups"][0]["expressions"] == ["query"] and design["totals"]["trainable"] == 147_456
+
+
+def test_a_bad_edit_is_an_error_at_its_field_and_the_design_stays(server):
+    _, client = connect(*server)
+    group = last(client, "design_updated")["groups"][0]["id"]
+    client.emit("set_expressions", {"group_id": group, "expressions": ["query"]})
+    before = last(client, "design_updated")
+    cases = [
+        ("set_expressions", {"group_id": group, "expressions": ["qeury"]}, "expressions", "'qeury' matches no module"),
+        ("set_group", {"group_id": group, "hyperparameters": {"lora_r": 0}}, "hyper:lora_r", "lora_r must be a positive integer"),
+        ("set_group", {"group_id": group, "route": "sideways"}, "route", "does not support route"),
+        ("toggle_nodes", {"group_id": group, "paths": ["encoder.layer.*.output.LayerNorm"], "checked": True},
+         "selection", "lora cannot wrap 'encoder.layer.0.output.LayerNorm', a LayerNorm"),
+        ("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "10-14"}, "layers", "12-14 are not in 0-11"),
+        ("set_group", {"group_id": group, "name": "bad name"}, "name", "identifier"),
+        ("set_group", {"group_id": group, "method": "loar"}, "method", "unknown delta_type 'loar'"),
+    ]
+    for event, payload, field, message in cases:
+        client.emit(event, payload)
+        error = last(client, "error")
+        assert error["field"] == field, (event, error)
+        assert message in error["message"], (event, error)
+        assert error["group_id"] == group
+    client.emit("set_dtype", {"dtype": "float32"})
+    after = last(client, "design_updated")
+    assert after["groups"] == before["groups"] and after["totals"]["trainable"] == 147_456
+
+
+def test_malformed_payloads_get_error_events_and_the_server_stays_up(server):
+    app, socketio = server
+    _, client = connect(app, socketio)
+    group = last(client, "design_updated")["groups"][0]["id"]
+    batch = [
+        ("toggle_nodes", None), ("toggle_nodes", "text"), ("toggle_nodes", []), ("toggle_nodes", 42),
+        ("toggle_nodes", {"group_id": group}), ("toggle_nodes", {"group_id": group, "paths": "x", "checked": True}),
+        ("toggle_nodes", {"group_id": group, "paths": [1, 2], "checked": True}),
+        ("toggle_nodes", {"group_id": group, "paths": ["nope"], "checked": True}),
+        ("toggle_nodes", {"group_id": 7, "paths": [], "checked": True}),
+        ("set_group", {"group_id": group, "hyperparameters": [1]}), ("set_group", {"group_id": "g99"}),
+        ("set_group", {"group_id": group, "hyperparameters": {"nope": 1}}),
+        ("set_expressions", {"group_id": group, "expressions": [None]}),
+        ("set_expressions", {"group_id": group, "expressions": ["[r](a"]}),
+        ("set_layers", {"group_id": group, "node_path": "pooler", "layers": "1"}),
+        ("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "a-b"}),
+        ("add_group", {"method": "nope"}), ("remove_group", {}), ("set_dtype", {"dtype": "float8"}),
+        ("load_backbone", {"source": ""}), ("load_backbone", {"source": 5}),
+        ("load_backbone", {"source": "python:os:getcwd"}),
+    ]
+    for event, payload in batch:
+        client.emit(event, payload)
+    errors = [e["args"][0] for e in client.get_received() if e["name"] == "error"]
+    socketio.sleep(0.5)
+    errors += [e["args"][0] for e in client.get_received() if e["name"] == "error"]
+    assert len(errors) == len(batch), [e["message"] for e in errors]
+    assert all("Traceback" not in e["message"] and e["message"] for e in errors)
+    assert any("CLI and Python only" in e["message"] for e in errors)
+    client.emit("set_expressions", {"group_id": group, "expressions": ["value"]})
+    assert last(client, "design_updated")["totals"]["trainable"] == 147_456  # still up and right
+
+
+def test_two_sessions_are_isolated_and_autosaved(server, tmp_path):
+    app, socketio = server
+    _, first = connect(app, socketio)
+    _, second = connect(app, socketio)
+    group = last(first, "design_updated")["groups"][0]["id"]
+    second.get_received()
+    first.emit("set_expressions", {"group_id": group, "expressions": ["query"]})
+    assert last(first, "design_updated")["totals"]["trainable"] == 147_456
+    assert not [e for e in second.get_received() if e["name"] == "design_updated"]
+    saved = list((tmp_path / "sessions").glob("*.json"))
+    assert len(saved) == 2
+    states = [json.loads(p.read_text()) for p in saved]
+    assert sorted(s["groups"][0]["expressions"] for s in states) == [[], ["query"]]
+    # a new server on the same workspace restores the design for the same cookie
+    cookie = next(p.stem for p, s in zip(saved, states) if s["groups"][0]["expressions"])
+    app2, socketio2 = create_app({"BACKBONE": "catalog:bert-base-uncased", "WORKSPACE": str(tmp_path)})
+    http = app2.test_client()
+    http.set_cookie("delta_designer_session", cookie)
+    client = socketio2.test_client(app2, flask_test_client=http)
+    assert last(client, "design_updated")["totals"]["trainable"] == 147_456
+
+
+def test_a_corrupt_autosave_is_kept_aside_not_lost(server, tmp_path):
+    app, socketio = server
+    (tmp_path / "sessions").mkdir()
+    cookie = "A" * 24
+    (tmp_path / "sessions" / f"{cookie}.json").write_text("{broken")
+    http = app.test_client()
+    http.set_cookie("delta_designer_session", cookie)
+    assert http.get("/").status_code == 200
+    kept = list((tmp_path / "sessions").glob(f"{cookie}.unrestorable-*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == "{broken"
+
+
+def test_socket_requires_the_token_when_one_is_set(tmp_path):
+    app, socketio = create_app({"BACKBONE": "catalog:gpt2", "TOKEN": "s3cret", "WORKSPACE": str(tmp_path)})
+    assert not socketio.test_client(app).is_connected()
+    http = app.test_client()
+    assert http.get("/?token=s3cret").status_code == 200
+    assert socketio.test_client(app, flask_test_client=http).is_connected()

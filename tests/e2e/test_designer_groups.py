@@ -1,0 +1,100 @@
+"""Steps 4–8: methods, routes and hyper-parameters from the registry, live counts, typed
+expressions, several groups with unfrozen modules, and the engine's build equal to the preview."""
+
+from playwright.sync_api import Page, expect
+
+from engine import registered_methods
+from tests.e2e.helpers import expand, group, node, number, tick, wait_update
+
+
+def test_methods_routes_and_hyperparameters_come_from_the_registry(designer: Page):
+    page = designer
+    panel = group(page)
+    options = panel.locator("[data-method] option")
+    expect(options).to_have_count(len(registered_methods()) + 1)
+    assert options.all_text_contents() == sorted(registered_methods()) + ["unfreeze"]
+    expect(panel.locator("[data-hyper]")).to_have_count(3)  # lora_r, lora_alpha, lora_dropout
+    expect(panel.locator("[data-route]")).to_be_hidden()  # lora has one route
+    wait_update(page, lambda: panel.locator("[data-method]").select_option("adapter"))
+    expect(panel.locator("[data-route] option")).to_have_text(["after", "before", "parallel"])
+    expect(panel.locator('[data-hyper="bottleneck_dim"]')).to_have_value("24")
+    expect(panel.locator('[data-hyper="non_linearity"]')).to_have_value("gelu_new")
+    wait_update(page, lambda: panel.locator("[data-method]").select_option("prefix"))
+    expect(panel.locator('[data-hyper="reparameterize"]')).to_be_checked()
+
+
+def test_hyperparameters_change_counts_and_bad_values_show_at_their_field(designer: Page):
+    page = designer
+    expand(page, "encoder.layer.*.attention", "encoder.layer.*.attention.self")
+    tick(page, "encoder.layer.*.attention.self.query")
+    assert number(page, "[data-total-trainable]") == 6 * 8 * 768
+    panel = group(page)
+    wait_update(page, lambda: (panel.locator('[data-hyper="lora_r"]').fill("16"),
+                               panel.locator('[data-hyper="lora_r"]').press("Enter")))
+    assert number(page, "[data-group-trainable]") == 6 * 16 * 768
+    expect(page.locator("[data-total-percent]")).to_have_text(f"{100 * 6 * 16 * 768 / 22713216:.4f}")
+    expect(page.locator("[data-checkpoint-size]")).to_have_text("288.0 KiB")  # 73,728 × 4 bytes
+    bf16 = page.locator("[data-memory]").text_content()
+    wait_update(page, lambda: page.select_option("[data-dtype]", "float32"))
+    assert page.locator("[data-memory]").text_content() != bf16
+    expect(page.locator("[data-memory]")).to_have_text("87.8 MiB")  # 22,713,216 × 4 + 73,728 × 16
+    panel.locator('[data-hyper="lora_r"]').fill("0")
+    panel.locator('[data-hyper="lora_r"]').press("Enter")
+    expect(panel.locator('[data-error="hyper:lora_r"]')).to_contain_text("lora_r must be a positive integer")
+    assert number(page, "[data-group-trainable]") == 6 * 16 * 768  # the last valid design stays
+
+
+def test_typed_expressions_light_up_nodes_and_errors_keep_the_design(designer: Page):
+    page = designer
+    panel = group(page)
+    box = panel.locator("[data-expressions]")
+    wait_update(page, lambda: box.fill("attn.q\nattn.v"))  # common names work too
+    assert number(page, "[data-group-trainable]") == 73_728
+    expect(node(page, "encoder.layer.*.attention.self.query")).to_have_class("node selected")
+    expect(node(page, "encoder.layer.*.attention.self").locator("> .row [data-mark-group]")).to_have_class("mark partial")
+    box.fill("query\nqeury")
+    expect(panel.locator('[data-error="expressions"]')).to_contain_text("'qeury' matches no module")
+    expect(panel.locator('[data-error="expressions"]')).to_contain_text("query")
+    page.wait_for_timeout(400)
+    assert number(page, "[data-group-trainable]") == 73_728
+    expect(node(page, "encoder.layer.*.attention.self.value")).to_have_class("node selected")
+    wait_update(page, lambda: box.fill(r"[r]layer\.0\.attention\.self\.key"))
+    assert number(page, "[data-group-trainable]") == 8 * 768
+    expect(node(page, "encoder.layer.*.attention.self.key").locator("> .row [data-node-check]")).to_have_js_property(
+        "indeterminate", True)
+
+
+def test_several_groups_unfrozen_modules_marks_and_build(designer: Page, artifacts):
+    page = designer
+    lora = group(page, 0)
+    wait_update(page, lambda: lora.locator("[data-expressions]").fill("query\nvalue"))
+    wait_update(page, lambda: page.click("[data-add-group]"))
+    adapter = group(page, 1)
+    wait_update(page, lambda: adapter.locator("[data-method]").select_option("adapter"))
+    wait_update(page, lambda: adapter.locator("[data-expressions]").fill("ff.w2"))
+    wait_update(page, lambda: page.click("[data-add-group]"))
+    bitfit = group(page, 2)
+    wait_update(page, lambda: bitfit.locator("[data-method]").select_option("bitfit"))
+    wait_update(page, lambda: bitfit.locator("[data-expressions]").fill("LayerNorm"))
+    wait_update(page, lambda: page.click("[data-add-group]"))
+    unfreeze = group(page, 3)
+    wait_update(page, lambda: unfreeze.locator("[data-method]").select_option("unfreeze"))
+    wait_update(page, lambda: unfreeze.locator("[data-expressions]").fill("pooler"))
+    counts = [number(page, f"[data-group-id] >> nth={i} >> [data-group-trainable]") for i in range(4)]
+    assert counts == [73_728, 6 * (384 * 24 + 24 + 24 * 384 + 384), 13 * 384, 384 * 384 + 384]
+    assert number(page, "[data-total-trainable]") == sum(counts)
+    marks = node(page, "encoder.layer.*.output").locator("> .row [data-mark-group]")
+    expect(marks).to_have_count(2)  # adapter on output.dense, bitfit on output.LayerNorm
+    expect(node(page, "pooler").locator("> .row [data-mark-group]")).to_have_count(1)
+    page.click("[data-build]")
+    result = page.locator("[data-build-result]")
+    expect(result).to_have_attribute("data-build-trainable", str(sum(counts)))
+    expect(result).to_have_attribute("data-preview-trainable", str(sum(counts)))
+    built = page.locator("[data-built-tree]")
+    expect(built.locator('[data-node-path="encoder.layer.*.attention.self.query.lora_1"]')).to_be_visible()
+    expect(built.locator('[data-node-path="encoder.layer.*.output.dense.adapter_2"]')).to_be_visible()
+    expect(built.locator('[data-node-path="embeddings.LayerNorm.bitfit_3"]')).to_be_visible()
+    # lora on query and value: 2 × (layer, lora_A, lora_B, dropout); adapter: layer, down,
+    # activation, up; bitfit: a bias module on 3 folded LayerNorms
+    expect(built.locator(".node-delta")).to_have_count(2 * 4 + 4 + 3)
+    page.screenshot(path=str(artifacts / "designer-groups.png"), full_page=True)

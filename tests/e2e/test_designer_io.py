@@ -1,0 +1,130 @@
+"""Steps 9–11 and the guarantees around them: exports that work the first time, imports that
+refuse stale designs, autosave across reloads, isolation, escaping, the README screenshot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from playwright.sync_api import Browser, Page, expect
+
+from tests.designer.evil_models import EVIL_NAME
+from tests.e2e.conftest import start_server
+from tests.e2e.helpers import expand, group, node, number, tick, wait_update
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def design_lora_qv(page: Page) -> None:
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("query\nvalue"))
+    assert number(page, "[data-total-trainable]") == 73_728
+
+
+def download(page: Page, kind: str, tmp_path: Path) -> Path:
+    with page.expect_download() as info:
+        page.click(f'[data-export="{kind}"]')
+    target = tmp_path / info.value.suggested_filename
+    info.value.save_as(target)
+    return target
+
+
+def test_exports_download_and_the_python_script_prints_the_page_counts(designer: Page, tmp_path):
+    page = designer
+    design_lora_qv(page)
+    document = json.loads(download(page, "json", tmp_path).read_text())
+    assert document["format"] == "delta-design/1"
+    assert document["backbone"] == {"source": "minilm", "class": "BertModel", "parameters": 22_713_216}
+    assert document["deltas"][0]["resolved_modules"][:2] == [
+        "encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"]
+    assert document["totals"]["trainable_parameters"] == 73_728
+    script = download(page, "python", tmp_path)
+    assert script.name == "delta_design.py"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "lora_1 (lora): 73,728 trainable parameters" in run.stdout
+    assert f"total trainable: {page.locator('[data-total-trainable]').text_content()}" in run.stdout
+    peft = json.loads(download(page, "peft", tmp_path).read_text())
+    assert peft["peft_type"] == "LORA" and peft["r"] == 8 and len(peft["target_modules"]) == 12
+    from peft import LoraConfig
+
+    assert LoraConfig(**{k: v for k, v in peft.items() if k != "peft_type"}).r == 8
+    wait_update(page, lambda: group(page).locator("[data-method]").select_option("adapter"))
+    link = page.locator('[data-export="peft"]')
+    expect(link).to_have_attribute("aria-disabled", "true")
+    expect(page.locator("[data-export-note]")).to_contain_text("this design uses adapter")
+
+
+def test_import_ticks_the_tree_and_refuses_designs_that_no_longer_match(designer: Page, browser: Browser, tmp_path):
+    page = designer
+    design_lora_qv(page)
+    exported = download(page, "json", tmp_path)
+    other = browser.new_context(viewport={"width": 1280, "height": 720}).new_page()
+    other.goto(page.url)
+    other.wait_for_selector("body[data-design-version]")
+    assert number(other, "[data-total-trainable]") == 0
+    wait_update(other, lambda: other.set_input_files('[data-import="file"]', str(exported)))
+    assert number(other, "[data-total-trainable]") == 73_728
+    expect(node(other, "encoder.layer.*.attention.self.query")).to_have_class("node selected")
+    stale = json.loads(exported.read_text())
+    stale["deltas"][0]["resolved_modules"].append("encoder.layer.6.attention.self.query")
+    other.click("[data-import-panel] summary")
+    other.fill('[data-import="text"]', json.dumps(stale))
+    other.click('[data-import="apply"]')
+    expect(other.locator('[data-error="import"]')).to_contain_text("encoder.layer.6.attention.self.query")
+    other.fill('[data-import="text"]', "{not json")
+    other.click('[data-import="apply"]')
+    expect(other.locator('[data-error="import"]')).to_contain_text("not JSON")
+    assert number(other, "[data-total-trainable]") == 73_728  # nothing lost
+
+
+def test_reload_restores_the_design_and_contexts_are_isolated(designer: Page, browser: Browser):
+    page = designer
+    design_lora_qv(page)
+    layers = node(page, "encoder.layer.*").locator("> .row [data-node-layers]")
+    wait_update(page, lambda: (layers.fill("0-3"), layers.press("Enter")))
+    page.reload()
+    page.wait_for_selector("body[data-design-version]")
+    assert number(page, "[data-total-trainable]") == 4 * 2 * 8 * 768
+    expect(group(page).locator("[data-expressions]")).to_have_attribute(
+        "data-expressions", "[r]layer\\.(0|1|2|3)\\.attention\\.self\\.query\n[r]layer\\.(0|1|2|3)\\.attention\\.self\\.value")
+    expect(node(page, "encoder.layer.*").locator("> .row [data-node-layers]")).to_have_value("0-3")
+    stranger = browser.new_context().new_page()
+    stranger.goto(page.url)
+    stranger.wait_for_selector("body[data-design-version]")
+    assert number(stranger, "[data-total-trainable]") == 0
+    wait_update(stranger, lambda: group(stranger).locator("[data-expressions]").fill("key"))
+    assert number(stranger, "[data-total-trainable]") == 6 * 8 * 768
+    page.reload()
+    page.wait_for_selector("body[data-design-version]")
+    assert number(page, "[data-total-trainable]") == 4 * 2 * 8 * 768
+
+
+def test_module_names_are_escaped_in_the_page(page: Page, tmp_path):
+    process, url = start_server("python:tests.designer.evil_models:evil", ["--workspace", str(tmp_path)])
+    try:
+        dialogs = []
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(url)
+        page.wait_for_selector("[data-tree][data-ready]")
+        names = page.locator("[data-tree] .node-name").filter(has_text="onerror")
+        expect(names).to_have_count(1)
+        expect(names).to_have_text(EVIL_NAME)
+        expect(page.locator("[data-tree] img")).to_have_count(0)
+        page.wait_for_timeout(300)
+        assert dialogs == []
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_screenshot_for_the_readme(designer: Page):
+    page = designer
+    expand(page, "encoder.layer.*.attention", "encoder.layer.*.attention.self")
+    tick(page, "encoder.layer.*.attention.self.query")
+    tick(page, "encoder.layer.*.attention.self.value")
+    wait_update(page, lambda: page.click("[data-add-group]"))
+    wait_update(page, lambda: group(page, 1).locator("[data-method]").select_option("adapter"))
+    wait_update(page, lambda: group(page, 1).locator("[data-expressions]").fill("ff.w2"))
+    wait_update(page, lambda: group(page, 0).locator("[data-select-group]").click())
+    page.screenshot(path=str(ROOT / "docs" / "designer.png"))
+    assert (ROOT / "docs" / "designer.png").stat().st_size > 20_000
