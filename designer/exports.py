@@ -22,7 +22,7 @@ FORMATS = {
 
 def design_document(session: DesignSession) -> dict[str, Any]:
     loaded, _ = session.require()
-    return session.design().to_dict(loaded.twin)
+    return session.design().to_dict(loaded.twin, loaded.twin_tree)
 
 
 def export(session: DesignSession, kind: str) -> tuple[str, str, str]:

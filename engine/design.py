@@ -17,7 +17,9 @@ from engine.auto import AutoDeltaConfig, AutoDeltaModel
 from engine.config import DeltaConfig
 from engine.delta import DeltaBase
 from engine.errors import ConfigError, DeltaError
+from engine.estimate import estimate_delta, module_parameters
 from engine.structure import expand_common_names
+from engine.tree import ModuleTree
 
 FORMAT = "delta-design/1"
 _EXPORT_ONLY = ("resolved_modules", "trainable_parameters")
@@ -109,20 +111,26 @@ class Design:
         """Alias of :meth:`build` (DESIGN.md's ``Design.apply``)."""
         return self.build(model)
 
-    def to_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """The ``delta-design/1`` document; with ``model``, resolved modules and counts too."""
+    def to_dict(self, model: nn.Module | None = None, tree: ModuleTree | None = None) -> dict[str, Any]:
+        """The ``delta-design/1`` document; with ``model``, resolved modules and counts too.
+
+        Counting plans each delta and sizes it exactly (``estimate_delta``) without attaching
+        anything or touching ``requires_grad``, so exporting never changes the model.
+        """
         entries: list[dict[str, Any]] = []
         totals: dict[str, Any] = {}
         if model is not None:
-            applied = self.build(model)
-            try:
-                for delta in applied.deltas:
-                    entries.append({**delta.config.to_dict(),
-                                    "resolved_modules": delta.modified_paths,
-                                    "trainable_parameters": delta.num_trainable_parameters()})
-                totals = {"trainable_parameters": applied.num_trainable_parameters()}
-            finally:
-                applied.detach()
+            tree = tree if tree is not None else ModuleTree.from_model(model)
+            total = 0
+            for config in self.deltas:
+                estimate = estimate_delta(model, config, tree)
+                entries.append({**config.to_dict(), "resolved_modules": estimate.paths,
+                                "trainable_parameters": estimate.total})
+                total += estimate.total
+            if self.unfrozen_modules:
+                unfrozen = resolve(tree, expand_common_names(model, self.unfrozen_modules)).paths
+                total += module_parameters(tree, unfrozen)
+            totals = {"trainable_parameters": total}
         else:
             entries = [{**c.to_dict(), **r} for c, r in zip(self.deltas, self.recorded or [{}] * len(self.deltas))]
         document: dict[str, Any] = {

@@ -73,6 +73,8 @@ export class GroupsView {
         el("input", { "data-group-name": true, "aria-label": "group name", size: 12 }),
         methodSelect, routeSelect,
         el("button", { type: "button", class: "link", "data-select-group": true, text: "select" }),
+        el("button", { type: "button", class: "link", "data-use-defaults": true, text: "defaults",
+          title: "select the method's default positions" }),
         el("button", { type: "button", class: "link danger", "data-remove-group": true, text: "remove",
           "aria-label": `remove group ${group.name}` }),
       ]),
@@ -88,6 +90,8 @@ export class GroupsView {
     panel.addEventListener("focusin", () => { if (!panel.classList.contains("active")) this.send("select_group", { group_id: id }); });
     $("[data-select-group]", panel).addEventListener("click", () => this.send("select_group", { group_id: id }));
     $("[data-remove-group]", panel).addEventListener("click", () => this.send("remove_group", { group_id: id }));
+    $("[data-use-defaults]", panel).addEventListener("click", () => this.send("set_expressions",
+      { group_id: id, expressions: this.method(panel.dataset.method).defaults }));
     methodSelect.addEventListener("change", () => this.send("set_group", { group_id: id, method: methodSelect.value }));
     routeSelect.addEventListener("change", () => this.send("set_group", { group_id: id, route: routeSelect.value }));
     $("[data-group-name]", panel).addEventListener("change", (event) =>
@@ -113,6 +117,7 @@ export class GroupsView {
     panel.classList.toggle("active", active);
     panel.style.setProperty("--group", colourOf(index));
     panel.dataset.method = group.method;
+    $("[data-use-defaults]", panel).hidden = !this.method(group.method).defaults.length;
     setValue($("[data-group-name]", panel), group.name);
     setValue($("[data-method]", panel), group.method);
     const method = this.method(group.method);

@@ -5,7 +5,7 @@ import { GroupsView } from "./groups.js";
 import { TreeView, renderTree } from "./tree.js";
 
 const socket = io({ transports: ["websocket", "polling"] });
-const state = { design: null, activeId: null, backbones: null };
+const state = { design: null, activeId: null, backbones: null, applyMs: [] };
 window.deltaDesigner = { state, socket };  // for tests and the curious
 
 function send(event, payload = {}) {
@@ -40,6 +40,7 @@ socket.on("backbone_loaded", (message) => {
 });
 
 socket.on("design_updated", (design) => {
+  const started = performance.now();
   state.design = design;
   state.activeId = design.active_group;
   const active = design.groups.find((g) => g.id === design.active_group);
@@ -56,6 +57,7 @@ socket.on("design_updated", (design) => {
   peft.dataset.exportReason = design.exports.peft.reason;
   $("[data-export-note]").textContent = design.exports.peft.available ? "" : `PEFT: ${design.exports.peft.reason}`;
   document.body.dataset.designVersion = String(Number(document.body.dataset.designVersion || 0) + 1);
+  state.applyMs = state.applyMs.slice(-199).concat([performance.now() - started]);  // for benchmarks
 });
 
 socket.on("load_progress", ({ done, total, source }) => {

@@ -101,3 +101,42 @@ def test_a_backbone_that_fails_to_load_is_a_clear_400(tmp_path):
 )
 def test_loopback_detection(host, loopback):
     assert is_loopback(host) is loopback
+
+
+def test_rest_bodies_are_validated_with_clear_400s(tmp_path):
+    app, _ = create_app({"BACKBONE": "catalog:bert-base-uncased", "WORKSPACE": str(tmp_path)})
+    client = app.test_client()
+    assert client.get("/api/design/export?format=json").status_code == 400  # no session yet
+    client.get("/")
+    cases = [
+        (client.post("/api/design/import", data="{not json", content_type="application/json"), "delta-design/1"),
+        (client.post("/api/design/import", json=[1, 2]), "delta-design/1"),
+        (client.post("/api/design/import", json={"format": "other"}), "delta-design/1"),
+        (client.post("/api/design/import", json={"format": "delta-design/1", "deltas": [{"delta_type": "nope"}]}),
+         "unknown delta_type 'nope'"),
+        (client.post("/api/design/import", json={"format": "delta-design/1", "deltas": [
+            {"delta_type": "lora", "modified_modules": ["qeury"]}]}), "'qeury' matches no module"),
+        (client.get("/api/design/export?format=xml"), "export format must be one of json, python, peft"),
+        (client.get("/api/design/export?format=peft"), "PEFT holds one adapter per config; this design has 0"),
+    ]
+    for response, message in cases:
+        assert response.status_code == 400, response.get_json()
+        assert message in response.get_json()["error"]
+        assert "Traceback" not in response.get_data(as_text=True)
+    assert client.get("/api/health").status_code == 200
+
+
+def test_serving_beyond_loopback_requires_a_printed_token(monkeypatch, capsys, tmp_path):
+    from flask_socketio import SocketIO
+
+    from designer.cli import main
+
+    seen = {}
+    monkeypatch.setattr(SocketIO, "run", lambda self, app, **kw: seen.update(app=app, **kw))
+    main(["serve", "--host", "0.0.0.0", "--port", "5123", "--backbone", "catalog:gpt2",
+          "--workspace", str(tmp_path)])
+    token = seen["app"].config["TOKEN"]
+    assert token and len(token) > 20
+    assert f"http://0.0.0.0:5123/?token={token}" in capsys.readouterr().out
+    main(["serve", "--backbone", "catalog:gpt2", "--workspace", str(tmp_path)])
+    assert seen["app"].config["TOKEN"] is None and seen["host"] == "127.0.0.1"

@@ -48,6 +48,7 @@ def start_server(backbone: str, extra: list[str] | None = None) -> tuple[subproc
     port = free_port()
     command = [sys.executable, "-m", "designer.cli", "serve", "--port", str(port),
                "--backbone", backbone, *(extra or [])]
+    ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS.joinpath(f"server-{port}.log"), "w")  # noqa: SIM115
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

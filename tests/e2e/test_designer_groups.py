@@ -98,3 +98,19 @@ def test_several_groups_unfrozen_modules_marks_and_build(designer: Page, artifac
     # activation, up; bitfit: a bias module on 3 folded LayerNorms
     expect(built.locator(".node-delta")).to_have_count(2 * 4 + 4 + 3)
     page.screenshot(path=str(artifacts / "designer-groups.png"), full_page=True)
+
+
+def test_every_registered_method_can_be_designed_without_designer_code(designer: Page):
+    page = designer
+    methods = sorted(registered_methods())
+    for index, method in enumerate(methods):
+        if index:
+            wait_update(page, lambda: page.click("[data-add-group]"))
+        panel = group(page, index)
+        wait_update(page, lambda: panel.locator("[data-method]").select_option(method))
+        wait_update(page, lambda: panel.locator("[data-use-defaults]").click())
+        assert number(page, f"[data-group-id] >> nth={index} >> [data-group-trainable]") > 0, method
+        assert panel.locator("[data-expressions]").input_value(), method
+    page.click("[data-build]")
+    total = page.locator("[data-total-trainable]").text_content().replace(",", "")
+    expect(page.locator("[data-build-result]")).to_have_attribute("data-build-trainable", total)

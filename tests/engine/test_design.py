@@ -92,3 +92,16 @@ def test_a_design_trains_like_its_deltas():
     applied.detach()
     assert not torch.equal(changed, output(model, inputs))
     assert torch.equal(output(model, inputs), output(tiny_model("llama"), inputs))
+
+
+def test_exporting_counts_agree_with_building_and_never_touch_the_model():
+    model = load_backbone("catalog:bert-base-uncased").model
+    design = Design.from_dict(DOCUMENT)
+    exported = design.to_dict(model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(getattr(m, "is_delta_module", False) for m in model.modules())
+    applied = design.apply(model)
+    assert exported["totals"]["trainable_parameters"] == applied.num_trainable_parameters()
+    for entry, delta in zip(exported["deltas"], applied.deltas):
+        assert entry["resolved_modules"] == delta.modified_paths
+        assert entry["trainable_parameters"] == delta.num_trainable_parameters()
