@@ -144,7 +144,9 @@ class DesignSession:
                 if unknown:
                     raise PayloadError(f"{edited.method} has no option {', '.join(unknown)}", "hyperparameters")
                 edited.hyperparameters = {**edited.hyperparameters, **hyperparameters}
-            self._replace(edited)
+            # an edit of one option reports its errors at that option's field
+            field = f"hyper:{next(iter(hyperparameters))}" if hyperparameters and len(hyperparameters) == 1 else None
+            self._replace(edited, field=field)
 
     # --- selections --------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ from engine.backbones import (
 from engine.auto import AutoDeltaConfig, AutoDeltaModel
 from engine.catalog import CATALOG, CatalogEntry
 from engine.config import DeltaConfig
-from engine.delta import DeltaBase, DeltaModule
+from engine.building import DeltaModule
+from engine.delta import DeltaBase
 from engine.checkpoint import atomic_write_bytes
 from engine.design import AppliedDesign, Design, DesignMismatchError
 from engine.estimate import (
@@ -44,8 +45,13 @@ from engine.errors import (
 from engine.methods import REGISTRY, method_for, register, registered_methods
 from engine.methods.adapter import AdapterConfig, AdapterModel
 from engine.methods.bitfit import BitFitConfig, BitFitModel
+from engine.methods.compacter import CompacterConfig, CompacterModel
+from engine.methods.ia3 import IA3Config, IA3Model
 from engine.methods.lora import LoraConfig, LoraModel
+from engine.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
+from engine.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
 from engine.methods.prefix import PrefixConfig, PrefixModel
+from engine.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
 from engine.routing import Route, attach_route
 from engine.structure import COMMON_NAMES, expand_common_names
 from engine.tree import ModuleTree, TreeNode, format_indices, parse_indices
@@ -71,6 +77,16 @@ __all__ = [
     "AutoDeltaModel",
     "BitFitConfig",
     "BitFitModel",
+    "CompacterConfig",
+    "CompacterModel",
+    "IA3Config",
+    "IA3Model",
+    "LowRankAdapterConfig",
+    "LowRankAdapterModel",
+    "ParallelAdapterConfig",
+    "ParallelAdapterModel",
+    "SoftPromptConfig",
+    "SoftPromptModel",
     "DeltaBase",
     "DeltaConfig",
     "DeltaModule",

@@ -88,11 +88,17 @@ class DeltaConfig:
         for f in dataclasses.fields(cls):
             if f.name in shared:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            annotation = str(f.type).split("[")[0].split(" |")[0]  # "dict[str, int]" → "dict"
             result.append(
                 {
                     "name": f.name,
-                    "type": type(default).__name__ if default is not None else "str",
+                    "type": annotation if annotation in ("int", "float", "bool", "str", "dict", "list") else "str",
                     "default": default,
                     "help": f.metadata.get("help", ""),
                     "choices": f.metadata.get("choices"),

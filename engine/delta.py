@@ -8,16 +8,15 @@ backbone, and owns attach/detach, freezing, counting, logging and checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from rich.console import Console
 from torch import nn
 
 from engine._gc import gc_paused
 from engine.addressing import resolve
+from engine.building import DeltaModule, inside_delta
 from engine.config import DeltaConfig
 from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
 from engine.routing import RouteHandle, attach_route
@@ -25,82 +24,6 @@ from engine.sizing import IOSizes, declared_sizes, probe_sizes
 from engine.structure import expand_common_names
 from engine.tree import ModuleTree
 from engine.visualize import Visualization
-
-
-class DeltaModule(nn.Module):
-    """Base class of the small modules a delta adds; the tree marks them (and only them) delta."""
-
-    is_delta_module = True
-
-
-def new_linear(
-    in_features: int, out_features: int, bias: bool, device: torch.device, dtype: torch.dtype,
-    init: Callable[[nn.Linear], None] | None = None,
-) -> nn.Linear:
-    """A Linear layer initialised by ``init`` (default: PyTorch's), never on the meta device.
-
-    Initialising meta tensors computes nothing yet costs ~100 µs a call, which dominated building
-    deltas on every layer of a 405B meta backbone.
-    """
-    # nn.Linear.__init__ would run reset_parameters (and so would nn.utils.skip_init, which
-    # builds on meta first): set up the same attributes around empty parameters instead.
-    layer = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(layer)
-    layer.in_features, layer.out_features = in_features, out_features
-    layer.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-    layer.register_parameter(
-        "bias", nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-    )
-    if not layer.weight.is_meta:
-        (init or nn.Linear.reset_parameters)(layer)
-    return layer
-
-
-def zero_init(layer: nn.Linear) -> None:
-    nn.init.zeros_(layer.weight)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
-
-
-def inside_delta(path: str, modules: dict[str, nn.Module]) -> bool:
-    """True when ``path`` is a delta module or lies inside one (never a target for a method)."""
-    parts = path.split(".")
-    return any(
-        getattr(modules.get(".".join(parts[:i])), "is_delta_module", False)
-        for i in range(1, len(parts) + 1)
-    )
-
-
-def descend_to(
-    method: str,
-    paths: list[str],
-    modules: dict[str, nn.Module],
-    accepts: Callable[[nn.Module], bool],
-    wanted: str,
-) -> list[str]:
-    """Each path if ``accepts`` its module, else its accepted descendants (outside deltas).
-
-    Lets a method take a container (an attention block, an FFN) for all the layers inside it
-    that the method can handle; a container with none of them is an error naming it.
-    """
-    selected: dict[str, None] = {}
-    for path in paths:
-        module = modules[path]
-        if accepts(module):
-            selected[path] = None
-            continue
-        inner = [
-            f"{path}.{name}" for name, child in module.named_modules()
-            if name and accepts(child) and not inside_delta(f"{path}.{name}", modules)
-        ]
-        if not inner:
-            raise ModuleNotSupportedError(
-                f"{method} cannot wrap {path!r}, a {type(module).__name__}: neither it nor its "
-                f"submodules are {wanted}; choose such modules (`delta-designer tree` shows them)"
-            )
-        selected.update(dict.fromkeys(inner))
-    order = {p: i for i, p in enumerate(modules)}
-    return sorted(selected, key=order.__getitem__)
 
 
 def _key(path: str) -> str:
@@ -198,6 +121,12 @@ class DeltaBase(nn.Module):
         for path in targets:
             cls.check_module(path, modules[path])
         return targets
+
+    @classmethod
+    def variants(cls, backbone_model: nn.Module, config: DeltaConfig, paths: list[str]) -> dict[str, Any]:
+        """Per-path settings that make identically shaped modules get different deltas (e.g. a
+        per-module rank); live estimates group modules by fingerprint *and* variant."""
+        return {}
 
     @classmethod
     def select_targets(cls, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:

@@ -44,12 +44,17 @@ def estimate_delta(model: nn.Module, config: DeltaConfig, tree: ModuleTree | Non
     method = method_for(config.delta_type)
     modules = dict(model.named_modules())
     targets = method.plan(model, config, modules=modules, tree=tree)
-    representative: dict[int, str] = {}
+    variants = method.variants(model, config, targets)
+
+    def kind(path: str) -> tuple[int, Any]:
+        return tree.node(path).fingerprint, variants.get(path)
+
+    representative: dict[tuple[int, Any], str] = {}
     for path in targets:
-        representative.setdefault(tree.node(path).fingerprint, path)
+        representative.setdefault(kind(path), path)
     delta = method(model, config=config, attach=False, paths=list(representative.values()))
     counts = delta.trainable_parameters_by_module()
-    by_module = {p: counts[representative[tree.node(p).fingerprint]] for p in targets}
+    by_module = {p: counts[representative[kind(p)]] for p in targets}
     return DeltaEstimate(targets, by_module)
 
 

@@ -108,19 +108,32 @@ def _added(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return base if delta is None else base + delta
 
 
+def _scaled(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    return base if delta is None else base * delta
+
+
+COMBINE = {"add": _added, "multiply": _scaled}
+
+
 def attach_route(
     route: Route | str,
     module: nn.Module,
     delta: DeltaFunction,
     partner: nn.Module | None = None,
     in_place: bool = False,
+    mode: str = "add",
 ) -> RouteHandle:
     """Hook ``delta`` into ``module`` along ``route``; ``partner`` is module B of parallel_pair.
 
-    ``in_place`` (parallel route) adds into the module's output tensor instead of allocating a
-    new one; only valid for modules whose backward never reads their output (Linear, Conv1D).
+    ``mode="multiply"`` scales the hidden state by the delta's output instead of adding to it
+    (IA3: ``before`` scales a module's input, ``after`` its output). ``in_place`` (parallel,
+    add) adds into the module's output tensor instead of allocating a new one; only valid for
+    modules whose backward never reads their output (Linear, Conv1D, Embedding, Conv2d).
     """
     route = Route.parse(route)
+    if mode not in COMBINE:
+        raise ConfigError(f"unknown route mode {mode!r}; choose add or multiply")
+    combine = COMBINE[mode]
     handle = RouteHandle()
     if route is Route.BEFORE:
 
@@ -128,24 +141,24 @@ def attach_route(
             hidden = first_tensor(args, kwargs)
             if hidden is None:
                 raise DeltaError(f"route 'before' found no tensor input to {type(mod).__name__}")
-            return _replace_input(args, kwargs, _added(hidden, delta(hidden)))
+            return _replace_input(args, kwargs, combine(hidden, delta(hidden)))
 
         handle.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
     elif route is Route.AFTER:
 
         def after(mod: nn.Module, args: tuple, output: Any) -> Any:
             hidden = main_output(output)
-            return _with_main_output(output, _added(hidden, delta(hidden)))
+            return _with_main_output(output, combine(hidden, delta(hidden)))
 
         handle.handles.append(module.register_forward_hook(after))
     elif route is Route.PARALLEL:
 
         def parallel(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             update = delta(first_tensor(args, kwargs))
-            if in_place and update is not None:
+            if in_place and mode == "add" and update is not None:
                 main_output(output).add_(update)
                 return output
-            return _with_main_output(output, _added(main_output(output), update))
+            return _with_main_output(output, combine(main_output(output), update))
 
         handle.handles.append(module.register_forward_hook(parallel, with_kwargs=True))
     else:
@@ -160,7 +173,10 @@ def attach_route(
             if not saved:
                 raise DeltaError("route 'parallel_pair': module B ran before module A")
             hidden = saved.pop()
-            return _with_main_output(output, _added(main_output(output), delta(hidden)))
+            target, update = main_output(output), delta(hidden)
+            if update is not None and update.shape != target.shape and update.numel() == target.numel():
+                update = update.reshape(target.shape)  # B sees the tokens flattened (OPT's FFN)
+            return _with_main_output(output, combine(target, update))
 
         handle.handles.append(module.register_forward_pre_hook(remember, with_kwargs=True))
         handle.handles.append(partner.register_forward_hook(add_saved))

@@ -34,4 +34,6 @@ def registered_methods() -> dict[str, type[DeltaBase]]:
 
 
 def _load_builtin_methods() -> None:
-    from engine.methods import adapter, bitfit, lora, prefix  # noqa: F401 - registers them
+    from engine.methods import (  # noqa: F401 - importing registers them
+        adapter, bitfit, compacter, ia3, lora, low_rank_adapter, parallel_adapter, prefix, soft_prompt,
+    )

@@ -10,7 +10,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from engine.config import DeltaConfig, one_of, positive_int
-from engine.delta import DeltaBase, DeltaModule, new_linear, zero_init
+from engine.building import DeltaModule, new_linear, zero_init
+from engine.delta import DeltaBase
 from engine.methods import register
 from engine.sizing import IOSizes, module_device_dtype
 
@@ -33,19 +34,34 @@ class AdapterConfig(DeltaConfig):
 
 
 class AdapterLayer(DeltaModule):
-    """down → activation → up, with ``up`` zero-initialised so attaching changes nothing."""
+    """down → activation → up; ``up`` starts at zero so attaching changes nothing.
 
-    def __init__(
-        self, in_dim: int, out_dim: int, config: AdapterConfig, device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
+    The projections are given, so the adapter variants (low-rank, Compacter's hypercomplex
+    layers) share this module and differ only in how they parameterise down and up.
+    """
+
+    def __init__(self, down: nn.Module, non_linearity: str, up: nn.Module) -> None:
         super().__init__()
-        self.down = new_linear(in_dim, config.bottleneck_dim, True, device, dtype)
-        self.activation = ACT2FN[config.non_linearity]
-        self.up = new_linear(config.bottleneck_dim, out_dim, True, device, dtype, zero_init)
+        self.down = down
+        self.activation = ACT2FN[non_linearity]
+        self.up = up
+
+    @classmethod
+    def linear(cls, in_dim: int, bottleneck: int, out_dim: int, non_linearity: str,
+               device: torch.device, dtype: torch.dtype) -> AdapterLayer:
+        """The plain adapter: two Linear layers."""
+        return cls(new_linear(in_dim, bottleneck, True, device, dtype), non_linearity,
+                   new_linear(bottleneck, out_dim, True, device, dtype, zero_init))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.up(self.activation(self.down(hidden)))
+
+
+def route_dims(route: str | None, sizes: IOSizes) -> tuple[int, int]:
+    """Input and output width of an adapter placed along ``route`` on a module of ``sizes``."""
+    in_dim = sizes.output_dim if route == "after" else sizes.input_dim
+    out_dim = sizes.input_dim if route == "before" else sizes.output_dim
+    return in_dim, out_dim
 
 
 @register
@@ -57,7 +73,6 @@ class AdapterModel(DeltaBase):
 
     def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> AdapterLayer:
         device, dtype = module_device_dtype(module, self.backbone_model)
-        route = self.config.route
-        in_dim = sizes.output_dim if route == "after" else sizes.input_dim
-        out_dim = sizes.input_dim if route == "before" else sizes.output_dim
-        return AdapterLayer(in_dim, out_dim, self.config, device, dtype)  # type: ignore[arg-type]
+        in_dim, out_dim = route_dims(self.config.route, sizes)
+        return AdapterLayer.linear(in_dim, self.config.bottleneck_dim, out_dim,  # type: ignore[attr-defined]
+                                   self.config.non_linearity, device, dtype)  # type: ignore[attr-defined]

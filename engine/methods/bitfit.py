@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from engine.config import DeltaConfig
-from engine.delta import DeltaBase, DeltaModule, descend_to
+from engine.building import DeltaModule, descend_to
+from engine.delta import DeltaBase
 from engine.methods import register
 from engine.sizing import IOSizes, declared_sizes, module_device_dtype
 

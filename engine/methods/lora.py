@@ -1,20 +1,25 @@
-"""LoRA: h_out ← h_out + B·A·dropout(h_in) · α/r, in parallel with a Linear or Conv1D layer."""
+"""LoRA: h_out ← h_out + B·A·dropout(h_in) · α/r, in parallel with a Linear, Conv1D, Embedding or
+Conv2d layer. Options: rank-stabilised scaling (α/√r), DoRA, and per-module rank/alpha patterns
+keyed by addressing expressions."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
+from engine.addressing import resolve
 from engine.config import DeltaConfig, positive_int, positive_number, probability
-from engine.delta import DeltaBase, DeltaModule, _key, new_linear, zero_init
-from engine.errors import DeltaStateError
+from engine.building import DeltaModule
+from engine.delta import DeltaBase, _key
+from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
 from engine.methods import register
+from engine.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraLayer
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import IOSizes, module_device_dtype
+from engine.structure import expand_common_names
 
 
 @dataclass
@@ -25,38 +30,29 @@ class LoraConfig(DeltaConfig):
     lora_r: int = field(default=8, metadata={"help": "rank of the update B·A"})
     lora_alpha: float = field(default=16, metadata={"help": "scaling numerator: update × α/r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    use_rslora: bool = field(default=False, metadata={"help": "scale by α/√r (rank-stabilised)"})
+    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "addressing expression → rank for the modules it matches"})
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "addressing expression → alpha for the modules it matches"})
 
     def validate(self) -> None:
         positive_int("lora", "lora_r", self.lora_r)
         positive_number("lora", "lora_alpha", self.lora_alpha)
         probability("lora", "lora_dropout", self.lora_dropout)
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"lora: {name} must be true or false, got {getattr(self, name)!r}")
+        for name, check in (("rank_pattern", positive_int), ("alpha_pattern", positive_number)):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                raise ConfigError(f"lora: {name} must map addressing expressions to numbers, got {pattern!r}")
+            for expression, value in pattern.items():
+                check("lora", f"{name}[{expression!r}]", value)
 
-
-class LoraLayer(DeltaModule):
-    """``lora_A`` (r × in, Kaiming uniform) and ``lora_B`` (out × r, zeros): attaching is a no-op."""
-
-    def __init__(
-        self, sizes: IOSizes, config: LoraConfig, device: torch.device, dtype: torch.dtype
-    ) -> None:
-        super().__init__()
-        rank = config.lora_r
-        self.lora_A = new_linear(sizes.input_dim, rank, False, device, dtype,
-                                 lambda layer: nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5)))
-        self.lora_B = new_linear(rank, sizes.output_dim, False, device, dtype, zero_init)
-        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-        self.scaling = config.lora_alpha / rank
-        self.merged = False
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        if self.merged:
-            return None  # the update lives in the backbone weight
-        # scaling the rank-r intermediate costs out/r times less than scaling the output
-        return self.lora_B(self.lora_A(self.dropout(hidden)) * self.scaling)
-
-    def weight_update(self, transpose: bool) -> torch.Tensor:
-        """B·A·scaling, shaped like the wrapped weight (Conv1D stores it transposed)."""
-        update = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-        return update.T if transpose else update
+    def scaling(self, rank: int, alpha: float) -> float:
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
 @register
@@ -65,52 +61,85 @@ class LoraModel(DeltaBase):
 
     config_class = LoraConfig
     default_modified_modules: ClassVar[list[str]] = ["attn.q", "attn.v"]
-    supported_modules: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
+    supported_modules: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding", "Conv2d")
 
-    def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> LoraLayer:
-        device, dtype = module_device_dtype(module, self.backbone_model)
-        return LoraLayer(sizes, self.config, device, dtype)  # type: ignore[arg-type]
+    @classmethod
+    def variants(cls, backbone_model: nn.Module, config: DeltaConfig, paths: list[str]) -> dict[str, Any]:
+        """Each path's (rank, alpha): the first pattern expression matching it, else the default.
+        A pattern expression that matches no module at all is an error, as everywhere."""
+
+        def per_path(pattern: dict[str, Any], default: Any) -> dict[str, Any]:
+            chosen: dict[str, Any] = {}
+            for expression, value in pattern.items():
+                for path in resolve(backbone_model, expand_common_names(backbone_model, [expression])).paths:
+                    chosen.setdefault(path, value)
+            return {p: chosen.get(p, default) for p in paths}
+
+        ranks = per_path(config.rank_pattern, config.lora_r)  # type: ignore[attr-defined]
+        alphas = per_path(config.alpha_pattern, config.lora_alpha)  # type: ignore[attr-defined]
+        return {p: (ranks[p], alphas[p]) for p in paths}
+
+    def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
+        config: LoraConfig = self.config  # type: ignore[assignment]
+        settings = self.variants(self.backbone_model, config, list(modules))
+        if config.use_dora:
+            other = [p for p, m in modules.items() if isinstance(m, (nn.Embedding, nn.Conv2d))]
+            if other:
+                raise ModuleNotSupportedError(
+                    f"use_dora supports Linear and Conv1D layers here; {other[0]!r} is a "
+                    f"{type(modules[other[0]]).__name__} — leave it out or turn use_dora off")
+        sizes = self.module_sizes({p: m for p, m in modules.items() if not isinstance(m, (nn.Embedding, nn.Conv2d))})
+        result: dict[str, DeltaModule] = {}
+        for path, module in modules.items():
+            device, dtype = module_device_dtype(module, self.backbone_model)
+            rank, alpha = settings[path]
+            scaling = config.scaling(rank, alpha)
+            if isinstance(module, nn.Embedding):
+                result[path] = LoraEmbedding(module, rank, scaling, device, dtype)
+            elif isinstance(module, nn.Conv2d):
+                result[path] = LoraConv2d(module, rank, scaling, config.lora_dropout, device, dtype)
+            else:
+                result[path] = LoraLayer(module, sizes[path].input_dim, sizes[path].output_dim, rank,
+                                         scaling, config.lora_dropout, config.use_dora, device, dtype)
+        return result
+
+    def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
+        raise NotImplementedError  # build_deltas picks the layer kind and per-module rank
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
-        # Linear/Conv1D backward never reads the output, so the update can go in place
+        if getattr(delta, "dora", False):
+            return RouteHandle([module.register_forward_hook(delta.dora_hook, with_kwargs=True)])  # type: ignore[attr-defined]
+        # these layers' backward never reads their output, so the update can go in place
         return attach_route("parallel", module, delta, in_place=True)
 
     @property
     def is_merged(self) -> bool:
         return any(layer.merged for layer in self._layers())
 
-    def _layers(self) -> list[LoraLayer]:
-        return [self.delta_modules[_key(p)] for p in self.modified_paths]  # type: ignore[misc]
+    def _layers(self) -> list[Any]:
+        return [self.delta_modules[_key(p)] for p in self.modified_paths]
 
     def merge(self) -> LoraModel:
-        """Add B·A·α/r into each wrapped weight and unhook: inference runs the plain backbone."""
+        """Fold the update into each wrapped weight and unhook: inference runs the plain backbone."""
         if not self.is_attached:
             raise DeltaStateError("attach() the delta before merging it")
         if self.is_merged:
             raise DeltaStateError("this LoRA delta is already merged; unmerge() it first")
-        self._apply_update(+1)
+        for (path, module), layer in zip(self._modules_by_path().items(), self._layers()):
+            layer.merge(module)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         return self
 
     def unmerge(self) -> LoraModel:
-        """Subtract the update again (weights restored up to float rounding) and re-hook."""
+        """Take the update out again (weights restored up to float rounding) and re-hook."""
         if not self.is_merged:
             raise DeltaStateError("this LoRA delta is not merged")
-        self._apply_update(-1)
-        for path, module in self._modules_by_path().items():
-            self._handles.append(self.wire(path, module, self.delta_modules[_key(path)]))
+        for (path, module), layer in zip(self._modules_by_path().items(), self._layers()):
+            layer.unmerge(module)
+            self._handles.append(self.wire(path, module, layer))
         return self
-
-    def _apply_update(self, sign: int) -> None:
-        modules = self._modules_by_path()
-        with torch.no_grad():
-            for path, layer in zip(self.modified_paths, self._layers()):
-                module = modules[path]
-                transpose = type(module).__name__ == "Conv1D"
-                module.weight.add_(layer.weight_update(transpose).to(module.weight.dtype), alpha=sign)
-                layer.merged = sign > 0
 
     def before_detach(self) -> None:
         if self.is_merged:

@@ -22,7 +22,8 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from engine.config import DeltaConfig, positive_int
-from engine.delta import DeltaBase, DeltaModule, descend_to, new_linear
+from engine.building import DeltaModule, descend_to, new_linear
+from engine.delta import DeltaBase
 from engine.errors import DeltaError
 from engine.methods import register
 from engine.routing import RouteHandle

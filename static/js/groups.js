@@ -12,6 +12,10 @@ function hyperInput(spec, value) {
       el("option", { value: choice, text: choice, selected: choice === value })));
   }
   if (spec.type === "bool") return el("input", { ...attributes, type: "checkbox", checked: Boolean(value) });
+  if (spec.type === "dict") {
+    return el("input", { ...attributes, type: "text", class: "json", value: JSON.stringify(value ?? {}),
+      placeholder: '{"expression": value}' });
+  }
   if (spec.type === "int" || spec.type === "float") {
     return el("input", { ...attributes, type: "number", step: spec.type === "int" ? "1" : "any", value });
   }
@@ -20,6 +24,9 @@ function hyperInput(spec, value) {
 
 function readHyper(input, spec) {
   if (spec.type === "bool") return input.checked;
+  if (spec.type === "dict") {
+    try { return JSON.parse(input.value || "{}"); } catch { return input.value; }  // the server names the error
+  }
   if (spec.type === "int" || spec.type === "float") {
     const number = Number(input.value);
     return input.value.trim() === "" || Number.isNaN(number) ? input.value : number;
@@ -138,7 +145,8 @@ export class GroupsView {
     for (const input of $$("[data-hyper]", hyper)) {
       const value = group.hyperparameters[input.dataset.hyper];
       if (document.activeElement === input) continue;
-      if (input.type === "checkbox") input.checked = Boolean(value); else input.value = value;
+      if (input.type === "checkbox") input.checked = Boolean(value);
+      else input.value = input.classList.contains("json") ? JSON.stringify(value ?? {}) : value;
     }
     setValue($("[data-expressions]", panel), group.expressions.join("\n"));
     $("[data-expressions]", panel).setAttribute("data-expressions", group.expressions.join("\n"));

@@ -30,7 +30,9 @@ def last(client, name):
 def test_connect_sends_methods_backbone_and_design(server):
     _, client = connect(*server)
     received = {e["name"]: e["args"][0] for e in client.get_received()}
-    assert [m["delta_type"] for m in received["hello"]["methods"]] == ["adapter", "bitfit", "lora", "prefix", "unfreeze"]
+    from engine import registered_methods
+
+    assert [m["delta_type"] for m in received["hello"]["methods"]] == sorted(registered_methods()) + ["unfreeze"]
     assert received["backbone_loaded"]["backbone"]["parameters"] == 109_482_240
     design = received["design_updated"]
     assert [g["method"] for g in design["groups"]] == ["lora"] and design["totals"]["trainable"] == 0

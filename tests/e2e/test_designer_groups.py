@@ -13,7 +13,11 @@ def test_methods_routes_and_hyperparameters_come_from_the_registry(designer: Pag
     options = panel.locator("[data-method] option")
     expect(options).to_have_count(len(registered_methods()) + 1)
     assert options.all_text_contents() == sorted(registered_methods()) + ["unfreeze"]
-    expect(panel.locator("[data-hyper]")).to_have_count(3)  # lora_r, lora_alpha, lora_dropout
+    from engine import LoraConfig
+
+    expect(panel.locator("[data-hyper]")).to_have_count(len(LoraConfig.hyperparameters()))
+    expect(panel.locator('[data-hyper="lora_alpha"]')).to_have_attribute("step", "any")  # a float
+    expect(panel.locator('[data-hyper="rank_pattern"]')).to_have_value("{}")
     expect(panel.locator("[data-route]")).to_be_hidden()  # lora has one route
     wait_update(page, lambda: panel.locator("[data-method]").select_option("adapter"))
     expect(panel.locator("[data-route] option")).to_have_text(["after", "before", "parallel"])
@@ -114,3 +118,15 @@ def test_every_registered_method_can_be_designed_without_designer_code(designer:
     page.click("[data-build]")
     total = page.locator("[data-total-trainable]").text_content().replace(",", "")
     expect(page.locator("[data-build-result]")).to_have_attribute("data-build-trainable", total)
+
+
+def test_dict_hyperparameters_are_edited_as_json(designer: Page):
+    page = designer
+    panel = group(page)
+    wait_update(page, lambda: panel.locator("[data-expressions]").fill("query"))
+    field = panel.locator('[data-hyper="rank_pattern"]')
+    wait_update(page, lambda: (field.fill('{"[r]layer\\\\.0\\\\..*": 16}'), field.press("Enter")))
+    assert number(page, "[data-group-trainable]") == 5 * 8 * 768 + 16 * 768
+    field.fill('{"qeury": 4}')
+    field.press("Enter")
+    expect(panel.locator('[data-error="hyper:rank_pattern"]')).to_contain_text("'qeury' matches no module")

@@ -1,0 +1,96 @@
+"""Parallel adapters (He et al., 2022): an adapter beside a module, h_out ← h_out + A(h_in).
+
+Route ``parallel`` wraps one module (default: the FFN block). Route ``parallel_pair`` reads the
+input of one module (A, default: the attention block) and adds to the output of a later one
+(B, ``pair_modules``, default: the FFN down-projection) — the pairs are matched layer by layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import nn
+
+from engine.addressing import resolve
+from engine.config import DeltaConfig, one_of, positive_int
+from engine.building import DeltaModule
+from engine.delta import DeltaBase
+from engine.errors import ConfigError
+from engine.methods import register
+from engine.methods.adapter import ACTIVATIONS, AdapterLayer
+from engine.routing import RouteHandle, attach_route
+from engine.sizing import IOSizes, declared_sizes, module_device_dtype, probe_sizes
+from engine.structure import expand_common_names
+
+
+@dataclass
+class ParallelAdapterConfig(DeltaConfig):
+    delta_type: ClassVar[str] = "parallel_adapter"
+    routes: ClassVar[tuple[str, ...]] = ("parallel", "parallel_pair")
+
+    bottleneck_dim: int = field(default=24, metadata={"help": "width of the bottleneck"})
+    non_linearity: str = field(default="gelu_new", metadata={
+        "help": "activation between down and up", "choices": ACTIVATIONS})
+    pair_modules: list[str] | None = field(default=None, metadata={
+        "help": "parallel_pair: the modules whose output receives the adapter (default ff.w2)"})
+
+    def validate(self) -> None:
+        positive_int("parallel_adapter", "bottleneck_dim", self.bottleneck_dim)
+        one_of("parallel_adapter", "non_linearity", self.non_linearity, ACTIVATIONS)
+
+
+@register
+class ParallelAdapterModel(DeltaBase):
+    config_class = ParallelAdapterConfig
+    default_modified_modules: ClassVar[list[str]] = ["ff"]
+
+    @classmethod
+    def _resolve(cls, backbone, config, modules, tree):  # type: ignore[no-untyped-def]
+        if config.route == "parallel_pair" and config.modified_modules is None:
+            config = type(config).from_dict({**config.to_dict(), "modified_modules": ["attn"]})
+        return super()._resolve(backbone, config, modules, tree)
+
+    def pairs(self) -> dict[str, str]:
+        """Module A (input side) → module B (output side), layer by layer."""
+        if self.config.route != "parallel_pair":
+            return {}
+        model = self.backbone_model
+        inputs = self.plan(model, self.config)  # all of them, also when building a few (estimates)
+        partners = resolve(model, expand_common_names(model, list(self.config.pair_modules or ["ff.w2"]))).paths
+        if len(partners) != len(inputs):
+            raise ConfigError(
+                f"parallel_pair needs one output module per input module: {len(inputs)} "
+                f"inputs ({inputs[0]} …) but {len(partners)} pair_modules"
+            )
+        order = {p: i for i, p in enumerate(dict(model.named_modules()))}
+        for a, b in zip(inputs, partners):
+            if order[b] < order[a] and not b.startswith(a + "."):
+                raise ConfigError(f"parallel_pair: {b!r} comes before {a!r}; B must run after A")
+        pairs = dict(zip(inputs, partners))
+        return {a: pairs[a] for a in self.modified_paths}
+
+    def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
+        self.pair_paths = self.pairs()
+        sizes = self.module_sizes(modules)
+        every = dict(self.backbone_model.named_modules())
+        partner_sizes = {b: declared_sizes(every[b]) for b in self.pair_paths.values()}
+        missing = [b for b, size in partner_sizes.items() if size is None]
+        if missing:
+            partner_sizes.update(probe_sizes(self.backbone_model, missing))
+        result: dict[str, DeltaModule] = {}
+        for path, module in modules.items():
+            device, dtype = module_device_dtype(module, self.backbone_model)
+            out_dim = partner_sizes[self.pair_paths[path]].output_dim if self.pair_paths else sizes[path].output_dim
+            result[path] = AdapterLayer.linear(sizes[path].input_dim, self.config.bottleneck_dim, out_dim,
+                                               self.config.non_linearity, device, dtype)
+        return result
+
+    def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
+        raise NotImplementedError  # build_deltas sizes each adapter from its input and output modules
+
+    def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
+        if not self.pair_paths:
+            return attach_route("parallel", module, delta)
+        partner = dict(self.backbone_model.named_modules())[self.pair_paths[path]]
+        return attach_route("parallel_pair", module, delta, partner=partner)
