@@ -26,7 +26,7 @@ from engine.estimate import (
     module_parameters,
     training_memory,
 )
-from engine.interop.peft import peft_adapter_config
+from engine.interop.peft import export_peft, import_peft, peft_adapter_config
 from engine.errors import (
     AddressingError,
     BackboneError,
@@ -68,6 +68,8 @@ __all__ = [
     "estimate_delta",
     "expand_common_names",
     "module_parameters",
+    "export_peft",
+    "import_peft",
     "peft_adapter_config",
     "training_memory",
     "AdapterConfig",

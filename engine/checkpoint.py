@@ -86,7 +86,8 @@ def read_config(directory: Path) -> dict[str, Any]:
     return data
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing or damaged file is a :class:`CheckpointError`."""
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} is missing; save_finetuned() writes it")
     try:
@@ -109,7 +110,7 @@ def load_delta(directory: Path, backbone_model: nn.Module) -> DeltaBase:
         {k: v for k, v in raw.items()
          if k not in ("format", "resolved_modules", "backbone_class", "trainable_parameters")}
     )
-    tensors = _read_tensors(directory / WEIGHTS_FILE)
+    tensors = read_safetensors(directory / WEIGHTS_FILE)
     delta = method_for(config.delta_type)(backbone_model, config=config, attach=False)
     if saved_modules is not None and list(saved_modules) != delta.modified_paths:
         missing = [p for p in saved_modules if p not in delta.modified_paths]
@@ -118,6 +119,12 @@ def load_delta(directory: Path, backbone_model: nn.Module) -> DeltaBase:
             "this checkpoint was made for another backbone: its modules do not match. "
             f"In the checkpoint only: {_listing(missing)}; in this backbone only: {_listing(extra)}"
         )
+    fill_delta(delta, tensors)
+    return delta.attach()
+
+
+def fill_delta(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into a built (unattached) delta; keys and shapes must match exactly."""
     expected = delta.delta_state()
     missing_keys = sorted(set(expected) - set(tensors))
     unexpected_keys = sorted(set(tensors) - set(expected))
@@ -137,7 +144,6 @@ def load_delta(directory: Path, backbone_model: nn.Module) -> DeltaBase:
             if target.is_meta:
                 raise DeltaStateError("cannot load a checkpoint into a delta on a meta backbone")
             target.copy_(tensors[key])
-    return delta.attach()
 
 
 def _listing(items: list[str], limit: int = 6) -> str:

@@ -1,0 +1,108 @@
+"""Deltas move to PEFT and back with the same outputs; what either side cannot express is refused."""
+
+import json
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model
+
+from engine import CheckpointError, ConfigError, export_peft, import_peft, method_for
+from tests.engine.test_delta_matrix import output, perturb
+from tests.engine.tiny import main_tensor, tiny_inputs, tiny_model
+
+KINDS = ["bert", "gpt2", "llama"]
+EXPORTS = [
+    ("lora", {}),
+    ("lora", {"use_dora": True}),
+    ("lora", {"use_rslora": True, "rank_pattern": {r"[r].*\.0\..*": 2}, "alpha_pattern": {"attn.v": 4}}),
+    ("ia3", {}),
+    ("soft_prompt", {"soft_token_num": 3}),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name, options", EXPORTS)
+def test_exported_deltas_load_in_peft_with_the_same_outputs_and_come_back_exactly(kind, name, options, tmp_path):
+    model, inputs = tiny_model(kind), tiny_inputs(kind)
+    delta = method_for(name)(model, **options)
+    perturb(delta)
+    ours = output(model, inputs)
+    export_peft(delta, tmp_path, base_model_name_or_path=f"tiny-{kind}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    peft_model = PeftModel.from_pretrained(tiny_model(kind), tmp_path).eval()
+    with torch.no_grad():
+        theirs = main_tensor(peft_model(**inputs))
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    back = import_peft(tmp_path, tiny_model(kind))
+    assert back.delta_type == name
+    assert torch.equal(output(back.backbone_model, inputs), ours)
+
+
+def _peft_trained(kind, config, tmp_path):
+    peft_model = get_peft_model(tiny_model(kind), config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    peft_model.save_pretrained(tmp_path)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("kind, config", [
+    ("bert", LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])),
+    ("gpt2", LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)),
+    ("llama", LoraConfig(r=4, target_modules=r".*\.(q|v)_proj", use_dora=True)),
+    ("llama", LoraConfig(r=4, target_modules="all-linear", rank_pattern={"down_proj": 2}, use_rslora=True)),
+    ("llama", LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])),
+    ("llama", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    ("gpt2", PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)),
+])
+def test_adapters_made_by_peft_import_with_the_same_outputs(kind, config, tmp_path):
+    peft_model = _peft_trained(kind, config, tmp_path)
+    inputs = tiny_inputs(kind)
+    with torch.no_grad():
+        theirs = main_tensor(peft_model(**inputs))
+    delta = import_peft(tmp_path, tiny_model(kind))
+    torch.testing.assert_close(output(delta.backbone_model, inputs), theirs, rtol=0, atol=1e-5)
+
+
+def test_all_linear_with_a_rank_pattern_becomes_readable_expressions(tmp_path):
+    _peft_trained("llama", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}), tmp_path)
+    delta = import_peft(tmp_path, tiny_model("llama"))
+    assert delta.config.modified_modules == ["q_proj", "v_proj"]
+    assert delta.num_trainable_parameters() == 2 * (4 * 64 + 2 * (32 + 16))
+
+
+def test_what_peft_cannot_express_is_refused_by_name(tmp_path):
+    for name in ["adapter", "bitfit", "prefix", "compacter"]:
+        with pytest.raises(ConfigError, match=f"{name} has no PEFT equivalent"):
+            export_peft(method_for(name)(tiny_model("llama")), tmp_path / name)
+    with pytest.raises(ConfigError, match="encoder-decoder"):
+        export_peft(method_for("soft_prompt")(tiny_model("t5"), soft_token_num=2), tmp_path / "t5")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bias": "all"}, "bias='all'"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"peft_type": "LOHA"}, "'LOHA' have no equivalent"),
+    ({"target_modules": ["nothing_like_this"]}, "match no supported layer"),
+])
+def test_peft_features_this_library_cannot_express_are_refused_by_name(change, message, tmp_path):
+    _peft_trained("llama", LoraConfig(r=4, target_modules=["q_proj"]), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match=message):
+        import_peft(tmp_path, model)
+    assert not any(getattr(m, "is_delta_module", False) for m in model.modules())
+
+
+def test_damaged_peft_directories_are_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not a PEFT adapter directory"):
+        import_peft(tmp_path, tiny_model("llama"))
+    _peft_trained("llama", LoraConfig(r=4, target_modules=["q_proj"]), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        import_peft(tmp_path, tiny_model("llama"))
