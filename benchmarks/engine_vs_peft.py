@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python benchmarks/engine_vs_peft.py [--steps N]
 Each comparison alternates the two contenders (A B A B …) so machine noise hits both, and
-reports the ratio of medians. Targets (issue 3): LoRA training step ≤ 1.00 × PEFT; merged
+reports the ratio of medians. Targets (issues 3 and 5): LoRA, DoRA and IA3 training steps
+≤ 1.00 × PEFT; merged
 inference ≤ 1.02 × plain backbone; LoRA on every linear layer of llama-3.1-405b on meta
 ≤ 0.2 × PEFT's get_peft_model(low_cpu_mem_usage=True); detach+attach switch < 1 ms.
 """
@@ -17,12 +18,13 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from peft import IA3Config as PeftIA3Config
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from rich.console import Console
 from rich.table import Table
 
-from engine import LoraModel, load_backbone
+from engine import IA3Model, LoraModel, load_backbone
 
 BATCH, LENGTH = 8, 128
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -61,13 +63,22 @@ def training_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Non
     return step
 
 
-def bench_training(steps: int) -> tuple[list[float], list[float]]:
+def bench_training(steps: int, method: str = "lora") -> tuple[list[float], list[float]]:
+    """One training step of the same delta built here and by PEFT, on the same BERT-base."""
     ids = torch.randint(0, 30522, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
     ours_model = bert_base()
     peft_model_base = copy.deepcopy(ours_model)
-    LoraModel(ours_model, ["query", "value"], lora_r=8, lora_alpha=16).freeze_module()
-    peft_model = get_peft_model(peft_model_base, PeftLoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"]))
+    if method == "ia3":
+        delta = IA3Model(ours_model)  # k, v outputs and the FFN down-projection inputs
+        feedforward = [p for p in delta.modified_paths if p.endswith(".output.dense") and ".attention." not in p]
+        config = PeftIA3Config(target_modules=list(delta.modified_paths), feedforward_modules=feedforward)
+    else:
+        dora = method == "dora"
+        delta = LoraModel(ours_model, ["query", "value"], lora_r=8, lora_alpha=16, use_dora=dora)
+        config = PeftLoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                                use_dora=dora)
+    delta.freeze_module()
+    peft_model = get_peft_model(peft_model_base, config)
     return interleaved(training_step(ours_model, ids), training_step(peft_model, ids), steps)
 
 
@@ -130,6 +141,8 @@ def main() -> None:
                       f"{ratio:.3f}", f"≤ {target:.2f}", "yes" if ratio <= target else "NO")
 
     row("LoRA train step (fwd+bwd+AdamW) vs PEFT", *bench_training(args.steps), 1.00)
+    row("DoRA train step vs PEFT", *bench_training(args.steps, "dora"), 1.00)
+    row("IA3 train step vs PEFT", *bench_training(args.steps, "ia3"), 1.00)
     row("merged LoRA inference vs plain BERT", *bench_merged_inference(args.steps), 1.02)
     row("LoRA on all 882 linears of 405B (meta) vs PEFT", *bench_405b(max(3, args.steps // 2)), 0.20)
     switch = bench_switch(200)

@@ -42,13 +42,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """A full tensor: FSDP2 shards parameters as DTensors, gathered here (a collective)."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
+def _writes() -> bool:
+    """Only rank 0 writes when running under torch.distributed."""
+    distributed = torch.distributed
+    return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
+
+
 def save_delta(delta: DeltaBase, directory: Path) -> Path:
-    state = delta.delta_state()
+    """Under torch.distributed, call it on every rank: sharded tensors are gathered, rank 0 writes."""
+    state = {key: _gathered(tensor) for key, tensor in delta.delta_state().items()}
     if any(t.is_meta for t in state.values()):
         raise DeltaStateError(
             "this delta lives on a meta backbone and has no values to save; build it on a "
             "backbone with real weights (load_backbone of a directory or 'minilm')"
         )
+    if not _writes():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "format": CHECKPOINT_FORMAT,
