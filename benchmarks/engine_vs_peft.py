@@ -127,6 +127,8 @@ def bench_switch(repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8, help="timed pairs per comparison")
+    parser.add_argument("--only", nargs="*", default=None,
+                        choices=["lora", "dora", "ia3", "merged", "405b", "switch"], help="run just these rows")
     args = parser.parse_args()
     console = Console(width=120)
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -140,15 +142,23 @@ def main() -> None:
         table.add_row(name, f"{statistics.median(ours):.4f}", f"{statistics.median(reference):.4f}",
                       f"{ratio:.3f}", f"≤ {target:.2f}", "yes" if ratio <= target else "NO")
 
-    row("LoRA train step (fwd+bwd+AdamW) vs PEFT", *bench_training(args.steps), 1.00)
-    row("DoRA train step vs PEFT", *bench_training(args.steps, "dora"), 1.00)
-    row("IA3 train step vs PEFT", *bench_training(args.steps, "ia3"), 1.00)
-    row("merged LoRA inference vs plain BERT", *bench_merged_inference(args.steps), 1.02)
-    row("LoRA on all 882 linears of 405B (meta) vs PEFT", *bench_405b(max(3, args.steps // 2)), 0.20)
-    switch = bench_switch(200)
-    median = statistics.median(switch)
-    table.add_row("detach+attach switch, BERT-base, 24 modules", f"{median * 1000:.3f} ms", "—",
-                  "—", "< 1 ms", "yes" if median < 1e-3 else "NO")
+    def wanted(name: str) -> bool:
+        return args.only is None or name in args.only
+
+    if wanted("lora"):
+        row("LoRA train step (fwd+bwd+AdamW) vs PEFT", *bench_training(args.steps), 1.00)
+    if wanted("dora"):
+        row("DoRA train step vs PEFT", *bench_training(args.steps, "dora"), 1.00)
+    if wanted("ia3"):
+        row("IA3 train step vs PEFT", *bench_training(args.steps, "ia3"), 1.00)
+    if wanted("merged"):
+        row("merged LoRA inference vs plain BERT", *bench_merged_inference(args.steps), 1.02)
+    if wanted("405b"):
+        row("LoRA on all 882 linears of 405B (meta) vs PEFT", *bench_405b(max(3, args.steps // 2)), 0.20)
+    if wanted("switch"):
+        median = statistics.median(bench_switch(200))
+        table.add_row("detach+attach switch, BERT-base, 24 modules", f"{median * 1000:.3f} ms", "—",
+                      "—", "< 1 ms", "yes" if median < 1e-3 else "NO")
     console.print(table)
 
 

@@ -57,8 +57,10 @@ class LoraLayer(DeltaModule):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def dora_scale(self, module: nn.Module) -> torch.Tensor:
-        """magnitude / ‖W + ΔW‖ per output feature (the norm is not differentiated, as in DoRA)."""
-        norm = (self._base(module) + self.update()).norm(dim=1).detach()
+        """magnitude / ‖W + ΔW‖ per output feature. As in DoRA, the norm is a constant for
+        autograd, so it is computed without recording a graph for the (out × in) update."""
+        with torch.no_grad():
+            norm = (self._base(module) + self.update()).norm(dim=1)
         return self.lora_magnitude_vector / norm
 
     def dora_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: torch.Tensor) -> Any:
@@ -68,7 +70,8 @@ class LoraLayer(DeltaModule):
         lora = self(first_tensor(args, kwargs))
         scale = self.dora_scale(module)
         base = output - module.bias if module.bias is not None else output
-        return output + (scale - 1) * base + scale * lora
+        # two fused passes over the output: output + (scale - 1)·base, then + scale·lora in place
+        return torch.addcmul(output, base, scale - 1).addcmul_(lora, scale)
 
     def merge(self, module: nn.Module) -> None:
         with torch.no_grad():
