@@ -1,5 +1,10 @@
 """Common names (``attn.q``, ``ff.w2``, …) and what they are called in each architecture.
 
+The table below predates structural inference (``engine.roles``), which covers every other model
+and agrees with it on its architectures (tests/engine/test_roles.py). ViT left the table when
+transformers 5 renamed its modules (``attention.q_proj``, ``mlp.fc1``): inference follows such
+renames by itself.
+
 A common name in ``modified_modules`` is replaced by the architecture's own addressing
 expressions, so one config works across model families. To address a module whose real name
 happens to be a common name (GPT-2's ``attn``), write it as a regex: ``[r]attn``.
@@ -43,6 +48,8 @@ _LLAMA_LIKE = {
     "layer_norm": [r"[r]\w*norm"],
     "embeddings": ["embed_tokens"],
 }
+# no "embeddings" here: bart-style models have one input embedding (``shared``) tied to the
+# encoder's and decoder's embed_tokens; inference finds it through get_input_embeddings()
 _BART_LIKE = {
     "attn": [r"[r](self_attn|encoder_attn)"],
     "attn.q": ["q_proj"],
@@ -53,7 +60,6 @@ _BART_LIKE = {
     "ff.w1": ["fc1"],
     "ff.w2": ["fc2"],
     "layer_norm": [r"[r]\w*layer_norm\w*"],
-    "embeddings": ["embed_tokens"],
 }
 
 #: model_type → common name → expressions in that architecture.
@@ -65,14 +71,6 @@ COMMON_NAME_MAP: dict[str, dict[str, list[str]]] = {
         "attn.q": ["query_proj"],
         "attn.k": ["key_proj"],
         "attn.v": ["value_proj"],
-    },
-    "vit": {
-        **_BERT_LIKE,
-        "attn.q": ["attention.attention.query"],
-        "attn.k": ["attention.attention.key"],
-        "attn.v": ["attention.attention.value"],
-        "layer_norm": [r"[r]layernorm\w*"],
-        "embeddings": ["patch_embeddings.projection"],
     },
     "gpt2": {
         "attn": ["[r]attn"],
@@ -113,19 +111,39 @@ def model_type_of(model: nn.Module) -> str | None:
 
 
 def expand_common_names(model: nn.Module, expressions: list[str]) -> list[str]:
-    """Replace common names by the architecture's expressions; other expressions pass through."""
+    """Replace common names by the architecture's expressions; other expressions pass through.
+
+    The hand-written table wins where it has the architecture; any other model's roles are
+    inferred from its structure (``engine.roles``) and compiled to exact expressions.
+    """
     model_type = model_type_of(model)
     table = COMMON_NAME_MAP.get(model_type or "")
     result: list[str] = []
+    inferred: list[Any] = []  # [roles, tree], computed once, only when needed
     for expression in expressions:
         if expression not in COMMON_NAMES:
             result.append(expression)
             continue
-        if table is None or expression not in table:
+        if table is not None and expression in table:
+            result.extend(e for e in table[expression] if e not in result)
+            continue
+        if not inferred:
+            from engine.roles import infer_roles
+            from engine.tree import ModuleTree
+
+            tree = ModuleTree.from_model(model)
+            inferred.extend([infer_roles(model, tree), tree])
+        roles, tree = inferred
+        paths = roles.by_role.get(expression)
+        if not paths:
+            found = ", ".join(sorted(r for r in roles.by_role if r in COMMON_NAMES)) or "none"
             raise ConfigError(
-                f"common name {expression!r} has no mapping for "
-                f"{'model type ' + repr(model_type) if model_type else type(model).__name__}; "
-                "give the real module names in modified_modules (see `delta-designer tree`)"
+                f"common name {expression!r}: no module of "
+                f"{'model type ' + repr(model_type) if model_type else type(model).__name__} was "
+                f"recognised in that role (roles found: {found}); give the real module names in "
+                "modified_modules (see `delta-designer tree`)"
             )
-        result.extend(e for e in table[expression] if e not in result)
+        from engine.addressing import compile_selection
+
+        result.extend(e for e in compile_selection(tree, paths) if e not in result)
     return result

@@ -253,7 +253,7 @@ def test_custom_models_work_with_real_names():
     delta = LoraModel(model, ["proj"], lora_r=2)
     assert torch.equal(run(model), before)
     assert delta.num_trainable_parameters() == 4 * 2 * (4 + 4)
-    with pytest.raises(ConfigError, match="common name 'attn.q' has no mapping for Toy"):
+    with pytest.raises(ConfigError, match="common name .attn.q.: no module of Toy was recognised in that role"):
         LoraModel(model, name="lora2")
 
 

@@ -1,0 +1,193 @@
+"""Structural inference of common roles (``attn.q``, ``ff.w2``, …) for any model.
+
+Repeated layers are found structurally (siblings in a ModuleList with one fingerprint); inside each
+layer, attention blocks are the outermost modules whose class is an attention (or that call
+transformers' attention interface), their projections are named by well-known spellings (or, with
+exactly four Linear layers, by order), and feed-forward layers are classified by shape: widening
+layers are w1/gate, narrowing layers are w2. Norms, input embeddings and the output head come from
+class names and the model's own accessors. Used where the hand-written table has no entry.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from engine.tree import ModuleTree
+
+_Q = re.compile(r"^(q|q_proj|query|query_proj|wq|q_lin|to_q|qproj|q_linear)$", re.I)
+_K = re.compile(r"^(k|k_proj|key|key_proj|wk|k_lin|to_k|kproj|k_linear)$", re.I)
+_V = re.compile(r"^(v|v_proj|value|value_proj|wv|v_lin|to_v|vproj|v_linear)$", re.I)
+_QKV = re.compile(r"^(qkv|qkv_proj|c_attn|query_key_value|w_pack|wqkv|in_proj|qkv_linear|att_proj)$", re.I)
+_O = re.compile(r"^(o|o_proj|out_proj|wo|out_lin|dense|c_proj|proj|to_out|out|output_proj|o_linear|attn_out)$", re.I)
+_CROSS = re.compile(r"(cross|encoder_attn|encdec)", re.I)
+_GATE = re.compile(r"(gate|wi_0|^w1$)", re.I)
+LINEAR_KINDS = ("Linear", "Conv1D")
+
+LABELS = {
+    "attn": "attention block", "cross_attn": "cross-attention block", "attn.q": "query projection",
+    "attn.k": "key projection", "attn.v": "value projection", "attn.qkv": "fused q, k, v projection",
+    "attn.o": "attention output projection", "ff": "feed-forward block", "ff.w1": "feed-forward up-projection",
+    "ff.gate": "feed-forward gate projection", "ff.w2": "feed-forward down-projection",
+    "layer_norm": "normalisation", "embeddings": "input embeddings", "head": "output head",
+    "moe.experts": "mixture-of-experts experts (fused parameters)", "layers": "repeated layer",
+}
+
+
+@dataclass
+class Roles:
+    """Role → module paths (model order), and the role of each path for display."""
+
+    by_role: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, role: str, path: str) -> None:
+        paths = self.by_role.setdefault(role, [])
+        if path not in paths:
+            paths.append(path)
+
+    def of(self, path: str) -> list[str]:
+        return [role for role, paths in self.by_role.items() if path in paths]
+
+    def label(self, path: str) -> str:
+        return ", ".join(LABELS.get(role, role) for role in self.of(path))
+
+
+_ATTENTION_CALLERS: dict[type, bool] = {}
+
+
+def is_attention(module: nn.Module) -> bool:
+    """An attention module by class name, or one that calls transformers' attention interface."""
+    cls = type(module)
+    if cls not in _ATTENTION_CALLERS:
+        name = cls.__name__.lower()
+        calls = False
+        if "attention" in name or name.endswith("attn"):
+            calls = True
+        else:
+            try:
+                calls = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                calls = False
+        _ATTENTION_CALLERS[cls] = calls
+    return _ATTENTION_CALLERS[cls]
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    kind = type(module).__name__
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if kind == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def layer_paths(tree: ModuleTree) -> list[str]:
+    """Every layer of every repeated-layer stack (outermost stacks only).
+
+    A list holding a folded group is a stack; its other numbered members are layers too (T5's
+    first block differs from the rest only by its relative position bias).
+    """
+    layers: list[str] = []
+
+    def walk(node, inside: bool) -> None:  # noqa: ANN001
+        stack = not inside and any(child.is_group for child in node.children)
+        for child in node.children:
+            numbered = child.is_group or child.name.isdigit()
+            if stack and numbered:
+                layers.extend(child.member_paths)
+            walk(child, inside or (stack and numbered))
+
+    walk(tree.collapse().root, False)
+    order = tree.order()
+    return sorted(layers, key=order.__getitem__)
+
+
+def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
+    tree = tree if tree is not None else ModuleTree.from_model(model)
+    modules = dict(model.named_modules())
+    roles = Roles()
+    for layer in layer_paths(tree):
+        roles.add("layers", layer)
+        _classify_layer(layer, modules, roles)
+    for path, module in modules.items():
+        if path and "norm" in type(module).__name__.lower():
+            roles.add("layer_norm", path)
+    for role, getter in (("embeddings", "get_input_embeddings"), ("head", "get_output_embeddings")):
+        accessor = getattr(model, getter, None)
+        try:
+            target = accessor() if callable(accessor) else None
+        except (NotImplementedError, AttributeError, TypeError):
+            target = None
+        path = next((p for p, m in modules.items() if m is target), None) if target is not None else None
+        if path:
+            roles.add(role, path)
+    order = {p: i for i, p in enumerate(modules)}
+    roles.by_role = {r: sorted(ps, key=order.__getitem__) for r, ps in roles.by_role.items()}
+    return roles
+
+
+def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> None:
+    prefix = layer + "."
+    inside = [p for p in modules if p.startswith(prefix)]
+    attention = [p for p in inside if is_attention(modules[p])
+                 and not any(p.startswith(a + ".") for a in inside if a != p and is_attention(modules[a]))]
+    for block in attention:
+        cross = _CROSS.search(block.rsplit(".", 1)[-1]) or _CROSS.search(type(modules[block]).__name__)
+        roles.add("attn", block)
+        if cross:
+            roles.add("cross_attn", block)
+        linears = [p for p in modules if p.startswith(block + ".") and _linear_shape(modules[p])]
+        named = {"attn.q": _Q, "attn.k": _K, "attn.v": _V, "attn.qkv": _QKV, "attn.o": _O}
+        found = False
+        for path in linears:
+            name = path.rsplit(".", 1)[-1]
+            for role, pattern in named.items():
+                if pattern.match(name):
+                    roles.add(role, path)
+                    found = found or role != "attn.o"
+        if not found and len(linears) == 4:
+            for role, path in zip(("attn.q", "attn.k", "attn.v", "attn.o"), linears):
+                roles.add(role, path)
+    for path in roles.by_role.get("attn.qkv", []):
+        if path.startswith(prefix):
+            for role in ("attn.q", "attn.k", "attn.v"):
+                roles.add(role, path)
+    outside = [p for p in inside if not any(p == a or p.startswith(a + ".") for a in attention)]
+    widening, narrowing = [], []
+    for path in outside:
+        shape = _linear_shape(modules[path])
+        if shape is None:
+            if any(param.dim() >= 3 for param in modules[path].parameters(recurse=False)):
+                roles.add("moe.experts", path)
+            continue
+        if shape[1] > shape[0]:
+            widening.append(path)
+        elif shape[0] > shape[1]:
+            narrowing.append(path)
+    gates = [p for p in widening if _GATE.search(p.rsplit(".", 1)[-1])] if len(widening) > 1 else []
+    for path in widening:
+        roles.add("ff.gate" if path in gates else "ff.w1", path)
+    for path in narrowing:
+        roles.add("ff.w2", path)
+    members = widening + narrowing
+    if members:
+        common = _common_parent(members)
+        if common and common != layer and common.startswith(prefix):
+            roles.add("ff", common)
+        else:
+            for path in members:
+                roles.add("ff", path)
+
+
+def _common_parent(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    common = []
+    for segments in zip(*parts):
+        if len(set(segments)) != 1:
+            break
+        common.append(segments[0])
+    candidate = ".".join(common)
+    return candidate if candidate not in paths or len(paths) > 1 else candidate.rsplit(".", 1)[0]
