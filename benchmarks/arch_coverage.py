@@ -9,6 +9,7 @@ and bitfit defaults (or why they fail). Writes docs/architectures.md and prints 
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import time
 from collections import Counter
@@ -40,9 +41,12 @@ def survey(model_type: str) -> dict:
     model = backbone.model
     row["class"] = type(model).__name__
     tree = ModuleTree.from_model(model)
-    roles = infer_roles(model, tree)
     row["source"] = "table" if model_type in COMMON_NAME_MAP else "inferred"
-    row["roles"] = sorted(r for r in roles.by_role if r in COMMON_NAMES or r == "moe.experts")
+    try:
+        roles = infer_roles(model, tree)
+        row["roles"] = sorted(r for r in roles.by_role if r in COMMON_NAMES or r == "moe.experts")
+    except Exception as error:  # noqa: BLE001
+        row["roles"] = [f"inference failed: {type(error).__name__}: {error}"[:120]]
     for method in METHODS:
         try:
             row[method] = estimate_delta(model, AutoDeltaConfig.from_dict({"delta_type": method}), tree).total
@@ -73,7 +77,9 @@ def main() -> None:
     for row in built:
         for method in METHODS:
             if not isinstance(row[method], int) or row[method] == 0:
-                reasons[f"{method}: {str(row[method]).split(';')[0][:110]}"] += 1
+                reason = re.sub(r"model type '[^']+'", "model type …", str(row[method]))
+                reason = re.sub(r"'[\w.]+'", "'…'", reason.split("(roles found")[0])
+                reasons[f"{method}: {reason[:110]}"] += 1
     lines = [
         "# Architecture coverage",
         "",

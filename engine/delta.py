@@ -22,7 +22,7 @@ from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import IOSizes, declared_sizes, probe_sizes
 from engine.structure import expand_common_names
-from engine.tree import ModuleTree
+from engine.tree import ModuleTree, all_modules
 from engine.visualize import Visualization
 
 
@@ -78,7 +78,7 @@ class DeltaBase(nn.Module):
         self._attached = False
         self._state_dict_handle: Any = None
         with gc_paused():
-            modules = dict(backbone_model.named_modules())
+            modules = all_modules(backbone_model)
             if paths is None:
                 self.modified_paths = self.plan(backbone_model, config, modules=modules)
             else:
@@ -116,8 +116,10 @@ class DeltaBase(nn.Module):
 
         Pass the backbone's ``tree`` to reuse its addressing index (the designer does).
         """
-        modules = dict(backbone_model.named_modules()) if modules is None else modules
+        modules = all_modules(backbone_model) if modules is None else modules
         targets = cls.select_targets(cls._resolve(backbone_model, config, modules, tree), modules)
+        seen: set[int] = set()  # a module shared by two paths is wrapped once, at its first path
+        targets = [p for p in targets if not (id(modules[p]) in seen or seen.add(id(modules[p])))]
         for path in targets:
             cls.check_module(path, modules[path])
         return targets
@@ -204,7 +206,7 @@ class DeltaBase(nn.Module):
         return self._attached
 
     def _modules_by_path(self) -> dict[str, nn.Module]:
-        modules = dict(self.backbone_model.named_modules())
+        modules = all_modules(self.backbone_model)
         return {path: modules[path] for path in self.modified_paths}
 
     def attach(self) -> DeltaBase:
@@ -257,7 +259,7 @@ class DeltaBase(nn.Module):
         expressions = [e for e in exclude if e != "deltas"]
         keep: set[int] = set()
         if expressions:
-            modules = dict(backbone.named_modules())
+            modules = all_modules(backbone)
             for path in resolve(backbone, expand_common_names(backbone, expressions)).paths:
                 keep.update(id(p) for p in modules[path].parameters())
         if "deltas" in exclude:

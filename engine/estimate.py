@@ -17,7 +17,7 @@ from torch import nn
 from engine.config import DeltaConfig
 from engine.errors import ConfigError
 from engine.methods import method_for
-from engine.tree import ModuleTree
+from engine.tree import ModuleTree, all_modules
 
 #: Bytes per backbone parameter for the memory estimate's dtype choice.
 DTYPE_BYTES: dict[str, float] = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
@@ -42,7 +42,7 @@ def estimate_delta(model: nn.Module, config: DeltaConfig, tree: ModuleTree | Non
     """Plan ``config`` on ``model`` and count its trainable parameters exactly, nothing attached."""
     tree = tree if tree is not None else ModuleTree.from_model(model)
     method = method_for(config.delta_type)
-    modules = dict(model.named_modules())
+    modules = all_modules(model)
     targets = method.plan(model, config, modules=modules, tree=tree)
     variants = method.variants(model, config, targets)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from engine.tree import ModuleTree
+from engine.tree import ModuleTree, all_modules
 
 _Q = re.compile(r"^(q|q_proj|query|query_proj|wq|q_lin|to_q|qproj|q_linear)$", re.I)
 _K = re.compile(r"^(k|k_proj|key|key_proj|wk|k_lin|to_k|kproj|k_linear)$", re.I)
@@ -107,7 +107,7 @@ def layer_paths(tree: ModuleTree) -> list[str]:
 
 def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
     tree = tree if tree is not None else ModuleTree.from_model(model)
-    modules = dict(model.named_modules())
+    modules = all_modules(model)
     roles = Roles()
     for layer in layer_paths(tree):
         roles.add("layers", layer)

@@ -18,7 +18,7 @@ from torch import nn
 
 from engine.errors import DeltaError
 from engine.routing import first_tensor, main_output
-from engine.tree import ModuleTree
+from engine.tree import ModuleTree, all_modules
 
 
 class ProbeComplete(Exception):
@@ -123,7 +123,7 @@ def probe_sizes(model: nn.Module, paths: list[str]) -> dict[str, IOSizes]:
     Only one module per structural fingerprint is watched, and the pass stops once all of them
     have run, so a 126-layer model is sized by its first layer.
     """
-    modules = dict(model.named_modules())
+    modules = all_modules(model)
     rep = representatives(model, paths)
     watched = sorted(set(rep.values()), key=paths.index)
     seen: dict[str, IOSizes] = {}

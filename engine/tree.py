@@ -106,6 +106,12 @@ class TreeNode:
         }
 
 
+def all_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module by dotted path, as the tree records them: a module instance reachable by two
+    paths (shared between towers, say) appears under both, unlike ``named_modules()``."""
+    return dict(model.named_modules(remove_duplicate=False))
+
+
 class ModuleTree:
     """Every module of a model with its parameters and subtree totals.
 

@@ -23,7 +23,7 @@ from engine.addressing import compile_selection
 from engine.checkpoint import atomic_write_bytes, fill_delta, read_safetensors
 from engine.delta import DeltaBase
 from engine.errors import CheckpointError, ConfigError
-from engine.tree import ModuleTree
+from engine.tree import ModuleTree, all_modules
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -67,7 +67,7 @@ def peft_adapter_config(
 
 
 def _fan_in_fan_out(delta: DeltaBase) -> bool:
-    modules = dict(delta.backbone_model.named_modules())
+    modules = all_modules(delta.backbone_model)
     kinds = {type(modules[p]).__name__ for p in delta.modified_paths}
     if "Conv1D" in kinds and len(kinds) > 1:
         raise ConfigError(f"PEFT needs one fan_in_fan_out setting per adapter; this one wraps {', '.join(sorted(kinds))}")
@@ -123,7 +123,7 @@ def export_peft(delta: DeltaBase, directory: str | Path, base_model_name_or_path
 def _peft_targets(model: nn.Module, target: Any, kinds: tuple[str, ...]) -> list[str]:
     """The module paths PEFT would wrap: a regex string full-matches, a list matches suffixes."""
     paths = []
-    for name, module in model.named_modules():
+    for name, module in all_modules(model).items():
         if not name or type(module).__name__ not in kinds:
             continue
         if isinstance(target, str):

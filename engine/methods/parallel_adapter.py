@@ -22,6 +22,7 @@ from engine.methods.adapter import ACTIVATIONS, AdapterLayer
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import IOSizes, declared_sizes, module_device_dtype, probe_sizes
 from engine.structure import expand_common_names
+from engine.tree import all_modules
 
 
 @dataclass
@@ -63,7 +64,7 @@ class ParallelAdapterModel(DeltaBase):
                 f"parallel_pair needs one output module per input module: {len(inputs)} "
                 f"inputs ({inputs[0]} …) but {len(partners)} pair_modules"
             )
-        order = {p: i for i, p in enumerate(dict(model.named_modules()))}
+        order = {p: i for i, p in enumerate(all_modules(model))}
         for a, b in zip(inputs, partners):
             if order[b] < order[a] and not b.startswith(a + "."):
                 raise ConfigError(f"parallel_pair: {b!r} comes before {a!r}; B must run after A")
@@ -73,7 +74,7 @@ class ParallelAdapterModel(DeltaBase):
     def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
         self.pair_paths = self.pairs()
         sizes = self.module_sizes(modules)
-        every = dict(self.backbone_model.named_modules())
+        every = all_modules(self.backbone_model)
         partner_sizes = {b: declared_sizes(every[b]) for b in self.pair_paths.values()}
         missing = [b for b, size in partner_sizes.items() if size is None]
         if missing:
@@ -92,5 +93,5 @@ class ParallelAdapterModel(DeltaBase):
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         if not self.pair_paths:
             return attach_route("parallel", module, delta)
-        partner = dict(self.backbone_model.named_modules())[self.pair_paths[path]]
+        partner = all_modules(self.backbone_model)[self.pair_paths[path]]
         return attach_route("parallel_pair", module, delta, partner=partner)

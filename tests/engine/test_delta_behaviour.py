@@ -16,10 +16,10 @@ from engine import (
     NoMatchError,
     PrefixModel,
     load_backbone,
+    resolve,
 )
 from tests.engine.test_delta_matrix import output, perturb
 from tests.engine.tiny import main_tensor, tiny_inputs, tiny_model
-
 
 # --- LoRA merge ------------------------------------------------------------------------------
 
@@ -290,3 +290,17 @@ def test_lora_in_place_update_composes_with_other_deltas_under_autograd(lora_fir
     main_tensor(model(**inputs)).pow(2).mean().backward()
     for delta in deltas:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in delta.parameters())
+
+
+def test_a_module_shared_by_two_paths_is_addressable_and_wrapped_once():
+    from torch import nn
+
+    shared = nn.Linear(4, 4)
+    model = nn.Module()
+    model.add_module("vision", nn.Sequential(shared))
+    model.add_module("text", nn.Sequential(shared))
+    assert resolve(model, ["0"]).paths == ["vision.0", "text.0"]
+    delta = LoraModel(model, ["0"], lora_r=2)
+    assert delta.modified_paths == ["vision.0"]
+    assert len(shared._forward_hooks) == 1
+    assert delta.num_trainable_parameters() == 2 * (4 + 4)
