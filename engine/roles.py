@@ -18,7 +18,8 @@ from torch import nn
 
 from engine.tree import ModuleTree, all_modules
 
-_Q = re.compile(r"^(q|q_proj|query|query_proj|wq|q_lin|to_q|qproj|q_linear)$", re.I)
+_Q = re.compile(r"^(q|q_proj|q_b_proj|query|query_proj|wq|q_lin|to_q|qproj|q_linear)$", re.I)
+_KV = re.compile(r"^(kv|kv_proj|kv_b_proj|key_value|wkv)$", re.I)  # fused k/v (e.g. latent attention)
 _K = re.compile(r"^(k|k_proj|key|key_proj|wk|k_lin|to_k|kproj|k_linear)$", re.I)
 _V = re.compile(r"^(v|v_proj|value|value_proj|wv|v_lin|to_v|vproj|v_linear)$", re.I)
 _QKV = re.compile(r"^(qkv|qkv_proj|c_attn|query_key_value|w_pack|wqkv|in_proj|qkv_linear|att_proj)$", re.I)
@@ -109,11 +110,16 @@ def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
     tree = tree if tree is not None else ModuleTree.from_model(model)
     modules = all_modules(model)
     roles = Roles()
-    for layer in layer_paths(tree):
+    layers = layer_paths(tree)
+    for layer in layers:
         roles.add("layers", layer)
         _classify_layer(layer, modules, roles)
+    if not layers:  # one layer in this config, or layers shared (ALBERT): read the whole model
+        _classify_layer("", modules, roles)
     for path, module in modules.items():
-        if path and "norm" in type(module).__name__.lower():
+        own = list(module.parameters(recurse=False))
+        # a normalisation layer: "norm" in its class and only 1-D (scale/shift) parameters
+        if path and "norm" in type(module).__name__.lower() and own and all(p.dim() == 1 for p in own):
             roles.add("layer_norm", path)
     for role, getter in (("embeddings", "get_input_embeddings"), ("head", "get_output_embeddings")):
         accessor = getattr(model, getter, None)
@@ -130,8 +136,8 @@ def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
 
 
 def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> None:
-    prefix = layer + "."
-    inside = [p for p in modules if p.startswith(prefix)]
+    prefix = layer + "." if layer else ""
+    inside = [p for p in modules if p and p.startswith(prefix)]
     attention = [p for p in inside if is_attention(modules[p])
                  and not any(p.startswith(a + ".") for a in inside if a != p and is_attention(modules[a]))]
     for block in attention:
@@ -148,6 +154,10 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
                 if pattern.match(name):
                     roles.add(role, path)
                     found = found or role != "attn.o"
+            if _KV.match(name):
+                roles.add("attn.k", path)
+                roles.add("attn.v", path)
+                found = True
         if not found and len(linears) == 4:
             for role, path in zip(("attn.q", "attn.k", "attn.v", "attn.o"), linears):
                 roles.add(role, path)
@@ -160,7 +170,9 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
     for path in outside:
         shape = _linear_shape(modules[path])
         if shape is None:
-            if any(param.dim() >= 3 for param in modules[path].parameters(recurse=False)):
+            module = modules[path]
+            fused = any(param.dim() == 3 for param in module.parameters(recurse=False))
+            if fused and "expert" in type(module).__name__.lower():  # transformers 5 fused experts
                 roles.add("moe.experts", path)
             continue
         if shape[1] > shape[0]:
