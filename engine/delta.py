@@ -153,7 +153,8 @@ class DeltaBase(nn.Module):
         return {path: self.make_delta(path, module, sizes[path]) for path, module in modules.items()}
 
     def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
-        raise NotImplementedError
+        """One delta module for ``module``; methods that override :meth:`build_deltas` need not."""
+        raise NotImplementedError(f"{type(self).__name__} must implement make_delta or build_deltas")
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         """Hook ``delta`` into ``module`` (default: along ``config.route``)."""

@@ -15,7 +15,7 @@ from engine.building import DeltaModule
 from engine.delta import DeltaBase
 from engine.methods import register
 from engine.routing import RouteHandle, attach_route
-from engine.sizing import IOSizes, module_device_dtype
+from engine.sizing import module_device_dtype
 from engine.structure import COMMON_NAME_MAP, expand_common_names, model_type_of
 
 
@@ -74,8 +74,6 @@ class IA3Model(DeltaBase):
             result[path] = IA3Vector(size, on_input, device, dtype)
         return result
 
-    def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
-        raise NotImplementedError  # build_deltas decides input or output scaling per module
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         route = "before" if delta.on_input else "after"  # type: ignore[union-attr]

@@ -18,7 +18,7 @@ from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
 from engine.methods import register
 from engine.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraLayer
 from engine.routing import RouteHandle, attach_route
-from engine.sizing import IOSizes, module_device_dtype
+from engine.sizing import module_device_dtype
 from engine.structure import expand_common_names
 
 
@@ -103,8 +103,6 @@ class LoraModel(DeltaBase):
                                          scaling, config.lora_dropout, config.use_dora, device, dtype)
         return result
 
-    def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
-        raise NotImplementedError  # build_deltas picks the layer kind and per-module rank
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         if getattr(delta, "dora", False):

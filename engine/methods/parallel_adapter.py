@@ -20,7 +20,7 @@ from engine.errors import ConfigError
 from engine.methods import register
 from engine.methods.adapter import ACTIVATIONS, AdapterLayer
 from engine.routing import RouteHandle, attach_route
-from engine.sizing import IOSizes, declared_sizes, module_device_dtype, probe_sizes
+from engine.sizing import declared_sizes, module_device_dtype, probe_sizes
 from engine.structure import expand_common_names
 from engine.tree import all_modules
 
@@ -87,8 +87,6 @@ class ParallelAdapterModel(DeltaBase):
                                                self.config.non_linearity, device, dtype)
         return result
 
-    def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
-        raise NotImplementedError  # build_deltas sizes each adapter from its input and output modules
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         if not self.pair_paths:

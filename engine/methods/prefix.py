@@ -28,7 +28,6 @@ from engine.errors import DeltaError
 from engine.methods import register
 from engine.routing import RouteHandle
 from engine.sizing import (
-    IOSizes,
     ProbeComplete,
     module_device_dtype,
     representatives,
@@ -257,8 +256,6 @@ class PrefixModel(DeltaBase):
             )
         return {p: watched[rep[p]]["shape"] for p in modules}
 
-    def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
-        raise NotImplementedError  # build_deltas sizes prefixes by heads, not by IOSizes
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         _bind(module).prefixes.append(delta)  # type: ignore[arg-type]
