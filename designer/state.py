@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from engine import Backbone, ModuleTree, load_backbone
+from engine import Backbone, ModuleTree, infer_roles, load_backbone
 
 
 @dataclass
@@ -31,6 +31,16 @@ class LoadedBackbone:
     @property
     def source(self) -> str:
         return self.backbone.source
+
+    def roles(self) -> dict[str, Any]:
+        """Inferred roles for the page: a label per collapsed node, and which roles exist."""
+        inferred = infer_roles(self.twin, self.twin_tree)
+        labels = {}
+        for node in self.collapsed.root.walk():
+            label = inferred.label(node.member_paths[0]) if node.path else ""
+            if label:
+                labels[node.path] = label
+        return {"labels": labels, "available": sorted(inferred.by_role)}
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -52,6 +52,7 @@ from engine.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapter
 from engine.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
 from engine.methods.prefix import PrefixConfig, PrefixModel
 from engine.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
+from engine.roles import Roles, infer_roles
 from engine.routing import Route, attach_route
 from engine.structure import COMMON_NAMES, expand_common_names
 from engine.tree import ModuleTree, TreeNode, format_indices, parse_indices
@@ -63,6 +64,8 @@ __all__ = [
     "DTYPE_BYTES",
     "REGISTRY",
     "DeltaEstimate",
+    "Roles",
+    "infer_roles",
     "atomic_write_bytes",
     "checkpoint_bytes",
     "estimate_delta",

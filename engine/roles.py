@@ -53,7 +53,14 @@ class Roles:
         return [role for role, paths in self.by_role.items() if path in paths]
 
     def label(self, path: str) -> str:
-        return ", ".join(LABELS.get(role, role) for role in self.of(path))
+        """The most specific description: a fused qkv projection is not also listed as q, k and v,
+        and a feed-forward layer with a specific role is not also called the feed-forward block."""
+        roles = self.of(path)
+        if "attn.qkv" in roles:
+            roles = [r for r in roles if r not in ("attn.q", "attn.k", "attn.v")]
+        if len(roles) > 1 and "ff" in roles:
+            roles.remove("ff")
+        return ", ".join(LABELS.get(role, role) for role in roles)
 
 
 _ATTENTION_CALLERS: dict[type, bool] = {}

@@ -34,6 +34,10 @@ socket.on("backbone_loaded", (message) => {
   $("[data-backbone-meta]").hidden = !summary.is_meta;
   $("[data-module-count]").textContent = `${summary.modules} modules, repeated layers folded`;
   tree.render(message.tree.root);
+  tree.showRoles(message.roles.labels);
+  for (const pick of document.querySelectorAll("[data-quick-pick]")) {
+    pick.hidden = !pick.dataset.quickPick.split(",").every((role) => message.roles.available.includes(role));
+  }
   $("[data-built]").hidden = true;
   $("[data-tree]").dataset.ready = summary.source;
   applySearch();
@@ -115,6 +119,12 @@ function applySearch() {
 $("[data-tree-search]").addEventListener("input", applySearch);
 $("[data-dtype]").addEventListener("change", (event) => send("set_dtype", { dtype: event.target.value }));
 $("[data-add-group]").addEventListener("click", () => send("add_group", { method: "lora" }));
+$("[data-quick-picks]").addEventListener("click", (event) => {
+  const pick = event.target.closest("[data-quick-pick]");
+  if (pick && state.activeId) {
+    send("set_expressions", { group_id: state.activeId, expressions: pick.dataset.quickPick.split(",") });
+  }
+});
 
 // --- build, export, import -------------------------------------------------------------------
 

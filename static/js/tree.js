@@ -90,6 +90,16 @@ export class TreeView {
     this.items = new Map($$("[data-node-path]", this.container).map((item) => [item.dataset.nodePath, item]));
   }
 
+  // labels: {node path: "fused q, k, v projection", ...} — shown on hover and as data-node-role.
+  showRoles(labels) {
+    for (const [path, label] of Object.entries(labels)) {
+      const item = this.items.get(path);
+      if (!item) continue;
+      item.dataset.nodeRole = label;
+      item.firstElementChild.title = label;
+    }
+  }
+
   // marks: {path: {groupId: "full" | "partial"}}; groups: [{id, ...}] in display order.
   update(marks, groups, activeId, activeRanges) {
     if (!this.items) return;

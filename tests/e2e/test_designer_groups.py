@@ -130,3 +130,18 @@ def test_dict_hyperparameters_are_edited_as_json(designer: Page):
     field.fill('{"qeury": 4}')
     field.press("Enter")
     expect(panel.locator('[data-error="hyper:rank_pattern"]')).to_contain_text("'qeury' matches no module")
+
+
+def test_roles_show_on_nodes_and_quick_picks_compile_to_expressions(designer: Page):
+    page = designer
+    expect(node(page, "encoder.layer.*.attention.self.query")).to_have_attribute("data-node-role", "query projection")
+    expect(node(page, "encoder.layer.*.output.dense")).to_have_attribute(
+        "data-node-role", "feed-forward down-projection")
+    wait_update(page, lambda: page.click('[data-quick-pick="attn.q,attn.v"]'))
+    assert number(page, "[data-total-trainable]") == 73_728
+    expect(group(page).locator("[data-expressions]")).to_have_attribute("data-expressions", "query\nvalue")
+    page.select_option("[data-backbone-kind]", "arch")
+    page.fill("[data-backbone-input]", "gpt2")
+    page.click("[data-backbone-load]")
+    expect(page.locator("[data-tree]")).to_have_attribute("data-ready", "arch:gpt2")
+    expect(node(page, "h.*.attn.c_attn")).to_have_attribute("data-node-role", "fused q, k, v projection")
