@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from engine.errors import CheckpointError, DeltaStateError
@@ -40,6 +40,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` as a safetensors file atomically (delta checkpoints are small)."""
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, safetensors_bytes(data, metadata=metadata))
 
 
 def _gathered(tensor: torch.Tensor) -> torch.Tensor:
@@ -72,15 +78,8 @@ def save_delta(delta: DeltaBase, directory: Path) -> Path:
         "backbone_class": type(delta.backbone_model).__name__,
         "trainable_parameters": delta.num_trainable_parameters(),
     }
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_FILE}.")
-    os.close(handle)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, temporary,
-                  metadata={"format": CHECKPOINT_FORMAT, "delta_type": delta.delta_type})
-        os.replace(temporary, directory / WEIGHTS_FILE)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_safetensors(directory / WEIGHTS_FILE, state,
+                             {"format": CHECKPOINT_FORMAT, "delta_type": delta.delta_type})
     atomic_write_bytes(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
     return directory
 

@@ -63,24 +63,24 @@ class Roles:
         return ", ".join(LABELS.get(role, role) for role in roles)
 
 
-_ATTENTION_CALLERS: dict[type, bool] = {}
+_INTERFACE_CALLERS: dict[type, bool] = {}
+
+
+def calls_attention_interface(module: nn.Module) -> bool:
+    """True when the module's forward dispatches through transformers' attention interface."""
+    cls = type(module)
+    if cls not in _INTERFACE_CALLERS:
+        try:
+            _INTERFACE_CALLERS[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _INTERFACE_CALLERS[cls] = False
+    return _INTERFACE_CALLERS[cls]
 
 
 def is_attention(module: nn.Module) -> bool:
     """An attention module by class name, or one that calls transformers' attention interface."""
-    cls = type(module)
-    if cls not in _ATTENTION_CALLERS:
-        name = cls.__name__.lower()
-        calls = False
-        if "attention" in name or name.endswith("attn"):
-            calls = True
-        else:
-            try:
-                calls = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
-            except (OSError, TypeError):
-                calls = False
-        _ATTENTION_CALLERS[cls] = calls
-    return _ATTENTION_CALLERS[cls]
+    name = type(module).__name__.lower()
+    return "attention" in name or name.endswith("attn") or calls_attention_interface(module)
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:

@@ -16,7 +16,10 @@ from typing import Any
 
 from torch import nn
 
+from engine.addressing import compile_selection
 from engine.errors import ConfigError
+from engine.roles import Roles, infer_roles
+from engine.tree import ModuleTree
 
 COMMON_NAMES = (
     "attn", "attn.q", "attn.k", "attn.v", "attn.o",
@@ -119,7 +122,7 @@ def expand_common_names(model: nn.Module, expressions: list[str]) -> list[str]:
     model_type = model_type_of(model)
     table = COMMON_NAME_MAP.get(model_type or "")
     result: list[str] = []
-    inferred: list[Any] = []  # [roles, tree], computed once, only when needed
+    inferred: tuple[Roles, ModuleTree] | None = None  # computed once, only when needed
     for expression in expressions:
         if expression not in COMMON_NAMES:
             result.append(expression)
@@ -127,12 +130,9 @@ def expand_common_names(model: nn.Module, expressions: list[str]) -> list[str]:
         if table is not None and expression in table:
             result.extend(e for e in table[expression] if e not in result)
             continue
-        if not inferred:
-            from engine.roles import infer_roles
-            from engine.tree import ModuleTree
-
+        if inferred is None:
             tree = ModuleTree.from_model(model)
-            inferred.extend([infer_roles(model, tree), tree])
+            inferred = (infer_roles(model, tree), tree)
         roles, tree = inferred
         paths = roles.by_role.get(expression)
         if not paths:
@@ -143,7 +143,5 @@ def expand_common_names(model: nn.Module, expressions: list[str]) -> list[str]:
                 f"recognised in that role (roles found: {found}); give the real module names in "
                 "modified_modules (see `delta-designer tree`)"
             )
-        from engine.addressing import compile_selection
-
         result.extend(e for e in compile_selection(tree, paths) if e not in result)
     return result

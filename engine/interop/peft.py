@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from engine.addressing import compile_selection
-from engine.checkpoint import atomic_write_bytes, fill_delta, read_safetensors
+from engine.checkpoint import atomic_write_bytes, atomic_write_safetensors, fill_delta, read_safetensors
 from engine.delta import DeltaBase
 from engine.errors import CheckpointError, ConfigError
 from engine.tree import ModuleTree, all_modules
@@ -105,14 +104,11 @@ def _peft_tensors(delta: DeltaBase) -> dict[str, torch.Tensor]:
 def export_peft(delta: DeltaBase, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write ``delta`` in PEFT's layout so ``PeftModel.from_pretrained`` loads it."""
     config = peft_adapter_config(delta, base_model_name_or_path)
-    tensors = {k: v.contiguous().cpu() for k, v in _peft_tensors(delta).items()}
+    tensors = _peft_tensors(delta)
     if any(t.is_meta for t in tensors.values()):
         raise ConfigError("this delta lives on a meta backbone and has no values to export")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(temporary), metadata={"format": "pt"})
-    temporary.replace(directory / WEIGHTS_FILE)
+    atomic_write_safetensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
     atomic_write_bytes(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
     return directory
 
@@ -151,7 +147,7 @@ def _refuse(config: dict[str, Any], **allowed: Any) -> None:
     for name, fine in allowed.items():
         value = config.get(name)
         if value not in fine:
-            raise ConfigError(f"this PEFT adapter uses {name}={value!r}, which delta deltas cannot express; "
+            raise ConfigError(f"this PEFT adapter uses {name}={value!r}, which this library cannot express; "
                               f"supported: {', '.join(map(repr, fine))}")
 
 

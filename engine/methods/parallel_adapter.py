@@ -22,7 +22,7 @@ from engine.methods.adapter import ACTIVATIONS, AdapterLayer
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import declared_sizes, module_device_dtype, probe_sizes
 from engine.structure import expand_common_names
-from engine.tree import all_modules
+from engine.tree import ModuleTree, all_modules
 
 
 @dataclass
@@ -47,7 +47,9 @@ class ParallelAdapterModel(DeltaBase):
     default_modified_modules: ClassVar[list[str]] = ["ff"]
 
     @classmethod
-    def _resolve(cls, backbone, config, modules, tree):  # type: ignore[no-untyped-def]
+    def _resolve(cls, backbone: nn.Module, config: DeltaConfig, modules: dict[str, nn.Module],
+                 tree: ModuleTree | None) -> list[str]:
+        """parallel_pair reads attention inputs by default (the FFN is the default for parallel)."""
         if config.route == "parallel_pair" and config.modified_modules is None:
             config = type(config).from_dict({**config.to_dict(), "modified_modules": ["attn"]})
         return super()._resolve(backbone, config, modules, tree)

@@ -10,7 +10,6 @@ caches and ``generate()`` are untouched; detaching restores the module's own con
 
 from __future__ import annotations
 
-import inspect
 import sys
 import weakref
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from engine.building import DeltaModule, descend_to, new_linear
 from engine.delta import DeltaBase
 from engine.errors import DeltaError
 from engine.methods import register
+from engine.roles import calls_attention_interface
 from engine.routing import RouteHandle
 from engine.sizing import (
     ProbeComplete,
@@ -171,19 +171,9 @@ def _widen_mask(mask: torch.Tensor | None, count: int, query: torch.Tensor, key:
 AttentionInterface.register(IMPLEMENTATION, _prefix_attention)
 
 
-_DISPATCHING: dict[type, bool] = {}
-
-
 def dispatches_attention(module: nn.Module) -> bool:
-    """True for modules whose forward calls transformers' attention interface."""
-    cls = type(module)
-    if cls not in _DISPATCHING:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            source = ""
-        _DISPATCHING[cls] = "ALL_ATTENTION_FUNCTIONS" in source and hasattr(module, "config")
-    return _DISPATCHING[cls]
+    """A module prefixes can attach to: it calls the attention interface and has a config."""
+    return calls_attention_interface(module) and hasattr(module, "config")
 
 
 def _bind(module: nn.Module) -> _Binding:
