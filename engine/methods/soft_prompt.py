@@ -56,7 +56,8 @@ class SoftPrompt(DeltaModule):
 
 
 def _cache_length(kwargs: dict[str, Any]) -> int:
-    past = kwargs.get("past_key_values")
+    """Tokens already cached; transformers ≥ 5.24 passes the cache as ``cache``."""
+    past = kwargs.get("past_key_values", kwargs.get("cache"))
     if past is None:
         return 0
     if hasattr(past, "get_seq_length"):

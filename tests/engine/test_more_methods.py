@@ -130,8 +130,23 @@ def test_soft_prompt_prepends_tokens_extends_masks_and_generates_consistently(ki
         cached = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
         uncached = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
         assert torch.equal(cached, uncached)
+        assert_greedy_choices(model, ids, cached)
     delta.detach()
     assert torch.equal(output(model, inputs), output(tiny_model(kind), inputs))
+
+
+def assert_greedy_choices(model, prompt, generated):
+    """Each generated token is the argmax of one plain forward over the whole sequence: catches a
+    soft prompt cached twice (transformers 5.24 renamed ``past_key_values`` to ``cache``)."""
+    encoder_decoder = model.config.is_encoder_decoder  # generate returns the decoder's sequence
+    with torch.no_grad():
+        logits = main_tensor(model(input_ids=prompt, decoder_input_ids=generated) if encoder_decoder
+                             else model(input_ids=generated))
+    soft = logits.shape[1] - generated.shape[1]  # decoder-only soft prompts add positions
+    for position in range(1 if encoder_decoder else prompt.shape[1], generated.shape[1]):
+        step = logits[:, soft + position - 1]
+        chosen = step.gather(1, generated[:, position : position + 1]).squeeze(1)
+        torch.testing.assert_close(chosen, step.max(dim=1).values, rtol=0, atol=1e-4)
 
 
 def test_soft_prompt_with_labels_masks_the_soft_positions():
