@@ -21,7 +21,7 @@ from engine.config import DeltaConfig
 from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import IOSizes, declared_sizes, probe_sizes
-from engine.structure import expand_common_names
+from engine.structure import default_positions, expand_common_names
 from engine.tree import ModuleTree, all_modules
 from engine.visualize import Visualization
 
@@ -179,9 +179,11 @@ class DeltaBase(nn.Module):
         cls, backbone: nn.Module, config: DeltaConfig, modules: dict[str, nn.Module],
         tree: ModuleTree | None,
     ) -> list[str]:
-        expressions = config.modified_modules or cls.default_modified_modules
+        expressions = config.modified_modules
         if not expressions:
-            raise ConfigError(f"{config.delta_type} has no default positions; give modified_modules")
+            if not cls.default_modified_modules:
+                raise ConfigError(f"{config.delta_type} has no default positions; give modified_modules")
+            expressions = default_positions(backbone, cls.default_modified_modules)
         report = resolve(
             tree if tree is not None else backbone,
             expand_common_names(backbone, list(expressions)),

@@ -10,23 +10,29 @@ class names and the model's own accessors. Used where the hand-written table has
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from engine.building import inside_delta
+from engine.kinds import is_attention, is_fused_experts, is_pointwise_conv
+from engine.sizing import declared_sizes
 from engine.tree import ModuleTree, all_modules
 
-_Q = re.compile(r"^(q|q_proj|q_b_proj|query|query_proj|wq|q_lin|to_q|qproj|q_linear)$", re.I)
+_Q = re.compile(r"^(q|q_proj|q_b_proj|query|query_proj|wq|q_lin|to_q|qproj|q_linear|linear_q|to_query)$", re.I)
 _KV = re.compile(r"^(kv|kv_proj|kv_b_proj|key_value|wkv)$", re.I)  # fused k/v (e.g. latent attention)
-_K = re.compile(r"^(k|k_proj|key|key_proj|wk|k_lin|to_k|kproj|k_linear)$", re.I)
-_V = re.compile(r"^(v|v_proj|value|value_proj|wv|v_lin|to_v|vproj|v_linear)$", re.I)
-_QKV = re.compile(r"^(qkv|qkv_proj|c_attn|query_key_value|w_pack|wqkv|in_proj|qkv_linear|att_proj)$", re.I)
-_O = re.compile(r"^(o|o_proj|out_proj|wo|out_lin|dense|c_proj|proj|to_out|out|output_proj|o_linear|attn_out)$", re.I)
+_K = re.compile(r"^(k|k_proj|key|key_proj|wk|k_lin|to_k|kproj|k_linear|linear_k|to_key)$", re.I)
+_V = re.compile(r"^(v|v_proj|value|value_proj|wv|v_lin|to_v|vproj|v_linear|linear_v|to_value)$", re.I)
+_QKV = re.compile(r"^(qkv|qkv_proj|c_attn|query_key_value|w_pack|wqkv|in_proj|qkv_linear|att_proj|"
+                  r"queries_keys_values)$", re.I)
+_O = re.compile(r"^(o|o_proj|out_proj|wo|out_lin|dense|c_proj|proj|to_out|out|output_proj|o_linear|attn_out|"
+                r"projection|projection_layer|linear_out|proj_out)$", re.I)
 _CROSS = re.compile(r"(cross|encoder_attn|encdec)", re.I)
 _GATE = re.compile(r"(gate|wi_0|^w1$)", re.I)
-LINEAR_KINDS = ("Linear", "Conv1D")
+_NAMED = {"attn.q": _Q, "attn.k": _K, "attn.v": _V, "attn.qkv": _QKV, "attn.o": _O}
+#: a narrowing layer this small scores or gates (a router's, a shared expert's gate), it does not project
+_MIN_PROJECTION_WIDTH = 8
 
 LABELS = {
     "attn": "attention block", "cross_attn": "cross-attention block", "attn.q": "query projection",
@@ -34,7 +40,8 @@ LABELS = {
     "attn.o": "attention output projection", "ff": "feed-forward block", "ff.w1": "feed-forward up-projection",
     "ff.gate": "feed-forward gate projection", "ff.w2": "feed-forward down-projection",
     "layer_norm": "normalisation", "embeddings": "input embeddings", "head": "output head",
-    "moe.experts": "mixture-of-experts experts (fused parameters)", "layers": "repeated layer",
+    "moe": "mixture-of-experts block", "moe.experts": "mixture-of-experts experts (fused parameters)",
+    "layers": "repeated layer",
 }
 
 
@@ -63,33 +70,27 @@ class Roles:
         return ", ".join(LABELS.get(role, role) for role in roles)
 
 
-_INTERFACE_CALLERS: dict[type, bool] = {}
-
-
-def calls_attention_interface(module: nn.Module) -> bool:
-    """True when the module's forward dispatches through transformers' attention interface."""
-    cls = type(module)
-    if cls not in _INTERFACE_CALLERS:
-        try:
-            _INTERFACE_CALLERS[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            _INTERFACE_CALLERS[cls] = False
-    return _INTERFACE_CALLERS[cls]
-
-
-def is_attention(module: nn.Module) -> bool:
-    """An attention module by class name, or one that calls transformers' attention interface."""
-    name = type(module).__name__.lower()
-    return "attention" in name or name.endswith("attn") or calls_attention_interface(module)
-
-
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    kind = type(module).__name__
+    """(in, out) of a dense projection: Linear, transformers' Conv1D, or a pointwise convolution."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if kind == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
         return module.weight.shape[0], module.weight.shape[1]
+    if is_pointwise_conv(module):
+        return module.in_channels, module.out_channels
     return None
+
+
+def _projection_roles(block: str, path: str) -> list[str]:
+    """Roles a projection's name gives it; a wrapper's name counts (``q_proj.linear`` is q)."""
+    segments = path[len(block) + 1:].split(".")
+    for name in reversed(segments):
+        found = [role for role, pattern in _NAMED.items() if pattern.match(name)]
+        if _KV.match(name):
+            found += ["attn.k", "attn.v"]
+        if found:
+            return found
+    return []
 
 
 def layer_paths(tree: ModuleTree) -> list[str]:
@@ -115,7 +116,8 @@ def layer_paths(tree: ModuleTree) -> list[str]:
 
 def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
     tree = tree if tree is not None else ModuleTree.from_model(model)
-    modules = all_modules(model)
+    every = all_modules(model)
+    modules = {path: module for path, module in every.items() if not inside_delta(path, every)}
     roles = Roles()
     layers = layer_paths(tree)
     for layer in layers:
@@ -125,8 +127,9 @@ def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
         _classify_layer("", modules, roles)
     for path, module in modules.items():
         own = list(module.parameters(recurse=False))
-        # a normalisation layer: "norm" in its class and only 1-D (scale/shift) parameters
-        if path and "norm" in type(module).__name__.lower() and own and all(p.dim() == 1 for p in own):
+        # a normalisation layer: "norm" in its class, only 1-D (scale/shift) parameters, a known width
+        if (path and "norm" in type(module).__name__.lower() and own and all(p.dim() == 1 for p in own)
+                and declared_sizes(module) is not None):
             roles.add("layer_norm", path)
     for role, getter in (("embeddings", "get_input_embeddings"), ("head", "get_output_embeddings")):
         accessor = getattr(model, getter, None)
@@ -137,14 +140,20 @@ def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
         path = next((p for p, m in modules.items() if m is target), None) if target is not None else None
         if path:
             roles.add(role, path)
-    order = {p: i for i, p in enumerate(modules)}
-    roles.by_role = {r: sorted(ps, key=order.__getitem__) for r, ps in roles.by_role.items()}
+    # the grammar cannot address a path that is also the tail of a longer one (a top-level
+    # ``norm`` beside ``embedder.norm``) on its own: roles hold addressable modules only
+    tails, order = tree.tails(), tree.order()
+    ambiguous = {p for p in order if len(tails.get(p, ())) > 1}
+    roles.by_role = {r: sorted((p for p in ps if p not in ambiguous), key=order.__getitem__)
+                     for r, ps in roles.by_role.items()}
+    roles.by_role = {r: ps for r, ps in roles.by_role.items() if ps}
     return roles
 
 
 def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> None:
     prefix = layer + "." if layer else ""
-    inside = [p for p in modules if p and p.startswith(prefix)]
+    # the layer itself counts: XLM keeps its attention blocks in their own list (``attentions.3``)
+    inside = [p for p in modules if p and (p == layer or p.startswith(prefix))]
     attention = [p for p in inside if is_attention(modules[p])
                  and not any(p.startswith(a + ".") for a in inside if a != p and is_attention(modules[a]))]
     for block in attention:
@@ -153,19 +162,11 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
         if cross:
             roles.add("cross_attn", block)
         linears = [p for p in modules if p.startswith(block + ".") and _linear_shape(modules[p])]
-        named = {"attn.q": _Q, "attn.k": _K, "attn.v": _V, "attn.qkv": _QKV, "attn.o": _O}
-        found = False
-        for path in linears:
-            name = path.rsplit(".", 1)[-1]
-            for role, pattern in named.items():
-                if pattern.match(name):
-                    roles.add(role, path)
-                    found = found or role != "attn.o"
-            if _KV.match(name):
-                roles.add("attn.k", path)
-                roles.add("attn.v", path)
-                found = True
-        if not found and len(linears) == 4:
+        named = {path: _projection_roles(block, path) for path in linears}
+        for path, found in named.items():
+            for role in found:
+                roles.add(role, path)
+        if not any(role != "attn.o" for found in named.values() for role in found) and len(linears) == 4:
             for role, path in zip(("attn.q", "attn.k", "attn.v", "attn.o"), linears):
                 roles.add(role, path)
     for path in roles.by_role.get("attn.qkv", []):
@@ -173,29 +174,32 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
             for role in ("attn.q", "attn.k", "attn.v"):
                 roles.add(role, path)
     outside = [p for p in inside if not any(p == a or p.startswith(a + ".") for a in attention)]
-    widening, narrowing = [], []
+    widening, narrowing, experts = [], [], []
     for path in outside:
+        if any(path.startswith(e + ".") for e in experts):
+            continue
         shape = _linear_shape(modules[path])
         if shape is None:
-            module = modules[path]
-            fused = any(param.dim() == 3 for param in module.parameters(recurse=False))
-            if fused and "expert" in type(module).__name__.lower():  # transformers 5 fused experts
+            if is_fused_experts(modules[path]):
+                experts.append(path)
                 roles.add("moe.experts", path)
             continue
         if shape[1] > shape[0]:
             widening.append(path)
-        elif shape[0] > shape[1]:
+        elif shape[1] >= _MIN_PROJECTION_WIDTH and shape[0] > shape[1]:
             narrowing.append(path)
     gates = [p for p in widening if _GATE.search(p.rsplit(".", 1)[-1])] if len(widening) > 1 else []
     for path in widening:
         roles.add("ff.gate" if path in gates else "ff.w1", path)
     for path in narrowing:
         roles.add("ff.w2", path)
-    members = widening + narrowing
+    members = widening + narrowing + experts
     if members:
         common = _common_parent(members)
         if common and common != layer and common.startswith(prefix):
-            roles.add("ff", common)
+            roles.add("ff", common)  # the feed-forward block: an MLP, or a mixture of experts
+            if experts:
+                roles.add("moe", common)
         else:
             for path in members:
                 roles.add("ff", path)

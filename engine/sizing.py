@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.errors import DeltaError
+from engine.kinds import is_fused_experts, keeps_width
 from engine.routing import first_tensor, main_output
 from engine.tree import ModuleTree, all_modules
 
@@ -39,15 +40,31 @@ def declared_sizes(module: nn.Module) -> IOSizes | None:
         return IOSizes(module.in_features, module.out_features)
     if isinstance(module, nn.Embedding):
         return IOSizes(module.num_embeddings, module.embedding_dim)
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return IOSizes(module.in_channels, module.out_channels)
     if isinstance(module, nn.LayerNorm) and module.normalized_shape:
         return IOSizes(module.normalized_shape[-1], module.normalized_shape[-1])
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 linear
         return IOSizes(module.weight.shape[0], module.nf)
+    if is_fused_experts(module):
+        return _expert_sizes(module)
     weight = getattr(module, "weight", None)
     if "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1:
         return IOSizes(weight.shape[0], weight.shape[0])
+    return None
+
+
+def _expert_sizes(module: nn.Module) -> IOSizes | None:
+    """Fused experts: one (experts, out, in) weight, or an up- and a down-projection whose shared
+    dimension is the hidden width, in either storage order ((E, 2I, H) + (E, H, I), or transposed)."""
+    shapes = [p.shape for p in module.parameters(recurse=False) if p.dim() == 3]
+    if len(shapes) == 1:
+        return IOSizes(shapes[0][2], shapes[0][1])
+    first, last = shapes[0], shapes[-1]
+    if first[2] == last[1]:
+        return IOSizes(first[2], first[2])
+    if first[1] == last[2]:
+        return IOSizes(first[1], first[1])
     return None
 
 
@@ -94,7 +111,7 @@ def run_pseudo_passes(model: nn.Module, done: Callable[[], bool]) -> list[str]:
     errors: list[str] = []
     for inputs in pseudo_input_variants(model):
         try:
-            with torch.no_grad(), _eval_mode(model):
+            with torch.no_grad(), _eval_mode(model), _experts_runnable_on_meta(model):
                 if _accepts_use_cache(model):
                     model(**inputs, use_cache=False)
                 else:
@@ -138,8 +155,20 @@ def probe_sizes(model: nn.Module, paths: list[str]) -> dict[str, IOSizes]:
 
         return hook
 
+    def input_recorder(path: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = first_tensor(args, kwargs)
+            if hidden is not None:
+                seen[path] = IOSizes(hidden.shape[-1], hidden.shape[-1])
+            if all(p in seen for p in watched):
+                raise ProbeComplete
+
+        return hook
+
     handles = [
-        modules[p].register_forward_hook(recorder(p), with_kwargs=True) for p in watched
+        modules[p].register_forward_pre_hook(input_recorder(p), with_kwargs=True) if keeps_width(modules[p])
+        else modules[p].register_forward_hook(recorder(p), with_kwargs=True)
+        for p in watched
     ]
     try:
         errors = run_pseudo_passes(model, lambda: all(p in seen for p in watched))
@@ -159,6 +188,23 @@ def probe_sizes(model: nn.Module, paths: list[str]) -> dict[str, IOSizes]:
 def _accepts_use_cache(model: nn.Module) -> bool:
     config: Any = getattr(model, "config", None)
     return config is not None and hasattr(config, "use_cache")
+
+
+@contextlib.contextmanager
+def _experts_runnable_on_meta(model: nn.Module) -> Iterator[None]:
+    """On the meta device, fused experts run through batched matmuls: the grouped-matmul kernel's
+    meta version accepts bfloat16 only, and the eager loop needs real routing values."""
+    config: Any = getattr(model, "config", None)
+    current = getattr(config, "_experts_implementation", None)
+    switch = current == "grouped_mm" and hasattr(model, "set_experts_implementation") and any(
+        p.is_meta for p in model.parameters())
+    if switch:
+        model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_experts_implementation(current)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ happens to be a common name (GPT-2's ``attn``), write it as a regex: ``[r]attn``
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
@@ -23,8 +24,24 @@ from engine.tree import ModuleTree
 
 COMMON_NAMES = (
     "attn", "attn.q", "attn.k", "attn.v", "attn.o",
-    "ff", "ff.w1", "ff.w2", "ff.gate", "layer_norm", "embeddings",
+    "ff", "ff.w1", "ff.w2", "ff.gate", "layer_norm", "embeddings", "moe", "moe.experts",
 )
+
+#: Default positions only — a name the user wrote is never replaced. Where a model has no module in
+#: a default's role, the first role of its chain that it has is used instead, and the choice logged.
+DEFAULT_FALLBACKS: dict[str, tuple[str, ...]] = {
+    # the attention block's output is its output projection's (some blocks name it oddly, or fold it)
+    "attn.o": ("attn",),
+    # a mixture of experts keeps its down-projections in fused 3-D parameters: after the whole block
+    "ff.w2": ("moe",),
+}
+#: Models without attention projections (state-space, convolutional, Fourier-mixing, gated MLP
+#: mixers): LoRA's q/v positions fall
+#: back to the dense projections they do have, e.g. Mamba's in/out projections, ConvNeXt's pointwise
+#: convolutions. Positions with no role at all are left out, as long as one default remains.
+ATTENTION_FREE_FALLBACKS: dict[str, tuple[str, ...]] = {"attn.q": ("ff.w1",), "attn.v": ("ff.w2",)}
+
+logger = logging.getLogger(__name__)
 
 _BERT_LIKE = {
     "attn": [r"[r]\d+\.attention"],  # the block; prefix descends to the module that attends
@@ -113,6 +130,47 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def _inferred(model: nn.Module) -> tuple[Roles, ModuleTree]:
+    tree = ModuleTree.from_model(model)
+    return infer_roles(model, tree), tree
+
+
+def _model_label(model: nn.Module) -> str:
+    model_type = model_type_of(model)
+    return f"model type {model_type!r}" if model_type else type(model).__name__
+
+
+def default_positions(model: nn.Module, defaults: list[str]) -> list[str]:
+    """A method's default common names as they apply to this model (see DEFAULT_FALLBACKS).
+
+    Raises when none of them, nor any fallback, exists: then the user must name modules.
+    """
+    table = COMMON_NAME_MAP.get(model_type_of(model) or "")
+    if table is not None and all(name in table for name in defaults):
+        return list(defaults)
+    roles = _inferred(model)[0].by_role
+    present = set(roles) | set(table or ())
+    chosen: list[str] = []
+    for name in defaults:
+        chain = (name, *DEFAULT_FALLBACKS.get(name, ()))
+        if not present & {"attn.q", "attn.k", "attn.v", "attn.qkv"}:
+            chain += ATTENTION_FREE_FALLBACKS.get(name, ())
+        pick = next((role for role in chain if role in present), None)
+        if pick != name:
+            logger.info("%s has no %r role; default position %s", _model_label(model), name,
+                        f"{pick!r} used instead" if pick else "left out")
+        if pick is not None and pick not in chosen:
+            chosen.append(pick)
+    if not chosen:
+        found = ", ".join(sorted(r for r in present if r in COMMON_NAMES)) or "none"
+        raise ConfigError(
+            f"none of the default positions {', '.join(defaults)} (nor their fallbacks) was recognised "
+            f"in {_model_label(model)} (roles found: {found}); give modified_modules by hand "
+            "(see `delta-designer tree`)"
+        )
+    return chosen
+
+
 def expand_common_names(model: nn.Module, expressions: list[str]) -> list[str]:
     """Replace common names by the architecture's expressions; other expressions pass through.
 
@@ -131,15 +189,13 @@ def expand_common_names(model: nn.Module, expressions: list[str]) -> list[str]:
             result.extend(e for e in table[expression] if e not in result)
             continue
         if inferred is None:
-            tree = ModuleTree.from_model(model)
-            inferred = (infer_roles(model, tree), tree)
+            inferred = _inferred(model)
         roles, tree = inferred
         paths = roles.by_role.get(expression)
         if not paths:
             found = ", ".join(sorted(r for r in roles.by_role if r in COMMON_NAMES)) or "none"
             raise ConfigError(
-                f"common name {expression!r}: no module of "
-                f"{'model type ' + repr(model_type) if model_type else type(model).__name__} was "
+                f"common name {expression!r}: no module of {_model_label(model)} was "
                 f"recognised in that role (roles found: {found}); give the real module names in "
                 "modified_modules (see `delta-designer tree`)"
             )

@@ -22,6 +22,7 @@ from engine.addressing import compile_selection
 from engine.checkpoint import atomic_write_bytes, atomic_write_safetensors, fill_delta, read_safetensors
 from engine.delta import DeltaBase
 from engine.errors import CheckpointError, ConfigError
+from engine.kinds import is_fused_experts
 from engine.tree import ModuleTree, all_modules
 
 CONFIG_FILE = "adapter_config.json"
@@ -74,6 +75,12 @@ def _fan_in_fan_out(delta: DeltaBase) -> bool:
 
 
 def _lora_config(delta: DeltaBase, base: str | None, modules_to_save: list[str] | None) -> dict[str, Any]:
+    modules = all_modules(delta.backbone_model)
+    experts = [p for p in delta.modified_paths if is_fused_experts(modules[p])]
+    if experts:
+        raise ConfigError(
+            f"LoRA factors on fused expert parameters are not exported to PEFT ({experts[0]!r}): PEFT's "
+            "target_parameters keeps other tensor names and layouts; save it with save_finetuned")
     config: Any = delta.config
     settings = delta.variants(delta.backbone_model, config, delta.modified_paths)
     rank_pattern = {re.escape(p): r for p, (r, _) in settings.items() if r != config.lora_r}

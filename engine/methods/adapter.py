@@ -13,6 +13,7 @@ from engine.config import DeltaConfig, one_of, positive_int
 from engine.building import DeltaModule, new_linear, zero_init
 from engine.delta import DeltaBase
 from engine.methods import register
+from engine.kinds import is_channels_first
 from engine.sizing import IOSizes, module_device_dtype
 
 ACTIVATIONS = tuple(sorted(ACT2FN))
@@ -45,6 +46,12 @@ class AdapterLayer(DeltaModule):
         self.down = down
         self.activation = ACT2FN[non_linearity]
         self.up = up
+        self.channels_first = False
+
+    def along_features_of(self, module: nn.Module) -> AdapterLayer:
+        """Run along the wrapped module's feature dimension: dimension 1 for a convolution."""
+        self.channels_first = is_channels_first(module)
+        return self
 
     @classmethod
     def linear(cls, in_dim: int, bottleneck: int, out_dim: int, non_linearity: str,
@@ -54,6 +61,8 @@ class AdapterLayer(DeltaModule):
                    new_linear(bottleneck, out_dim, True, device, dtype, zero_init))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            return self.up(self.activation(self.down(hidden.movedim(1, -1)))).movedim(-1, 1)
         return self.up(self.activation(self.down(hidden)))
 
 
@@ -75,4 +84,4 @@ class AdapterModel(DeltaBase):
         device, dtype = module_device_dtype(module, self.backbone_model)
         in_dim, out_dim = route_dims(self.config.route, sizes)
         return AdapterLayer.linear(in_dim, self.config.bottleneck_dim, out_dim,  # type: ignore[attr-defined]
-                                   self.config.non_linearity, device, dtype)  # type: ignore[attr-defined]
+                                   self.config.non_linearity, device, dtype).along_features_of(module)  # type: ignore[attr-defined]

@@ -3,7 +3,8 @@
 Adding ``b_delta`` after a layer with bias ``b`` is the same function and the same gradient as
 training ``b`` itself, but the backbone's tensors stay untouched, so the delta can be detached,
 saved on its own, and layers without a bias (LLaMA's) get one. Selecting a container (an
-attention block, an FFN) applies BitFit to every Linear/Conv1D/Conv2d/norm layer inside it.
+attention block, an FFN) applies BitFit to every Linear/Conv1D/convolution/norm layer inside it;
+a mixture of fused experts gets one bias on its output (the mixture's, shared by the experts).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from engine.config import DeltaConfig
 from engine.building import DeltaModule, descend_to
 from engine.delta import DeltaBase
 from engine.methods import register
+from engine.kinds import is_channels_first, is_fused_experts
 from engine.sizing import IOSizes, declared_sizes, module_device_dtype
 
 
@@ -34,12 +36,13 @@ class BiasLayer(DeltaModule):
         self.channels_first = channels_first
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.bias.view(-1, 1, 1) if self.channels_first else self.bias
+        # a convolution's output is (batch, channels, *positions): the bias runs along dimension 1
+        return self.bias.view(-1, *[1] * (hidden.dim() - 2)) if self.channels_first else self.bias
 
 
 def takes_bias(module: nn.Module) -> bool:
     """Layers whose output has a feature dimension a bias can be added to."""
-    return not isinstance(module, nn.Embedding) and declared_sizes(module) is not None
+    return is_fused_experts(module) or (not isinstance(module, nn.Embedding) and declared_sizes(module) is not None)
 
 
 @register
@@ -52,8 +55,8 @@ class BitFitModel(DeltaBase):
     @classmethod
     def select_targets(cls, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
         return descend_to("bitfit", paths, modules, takes_bias,
-                          "Linear, Conv1D, Conv2d or norm layers that can take a bias")
+                          "Linear, Conv1D, convolution, norm or fused-expert layers that can take a bias")
 
     def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> BiasLayer:
         device, dtype = module_device_dtype(module, self.backbone_model)
-        return BiasLayer(sizes.output_dim, isinstance(module, nn.Conv2d), device, dtype)
+        return BiasLayer(sizes.output_dim, is_channels_first(module), device, dtype)

@@ -83,4 +83,4 @@ class CompacterModel(DeltaBase):
         rank = config.phm_rank  # type: ignore[attr-defined]
         return AdapterLayer(PHMLinear(in_dim, middle, n, rank, False, device, dtype),
                             config.non_linearity,  # type: ignore[attr-defined]
-                            PHMLinear(middle, out_dim, n, rank, True, device, dtype))
+                            PHMLinear(middle, out_dim, n, rank, True, device, dtype)).along_features_of(module)

@@ -1,5 +1,5 @@
-"""LoRA: h_out ← h_out + B·A·dropout(h_in) · α/r, in parallel with a Linear, Conv1D, Embedding or
-Conv2d layer. Options: rank-stabilised scaling (α/√r), DoRA, and per-module rank/alpha patterns
+"""LoRA: h_out ← h_out + B·A·dropout(h_in) · α/r, in parallel with a Linear, Conv1D, Embedding,
+Conv1d or Conv2d layer, or W[e] + B[e]·A[e] · α/r on each expert of a fused mixture of experts. Options: rank-stabilised scaling (α/√r), DoRA, and per-module rank/alpha patterns
 keyed by addressing expressions."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from engine.building import DeltaModule
 from engine.delta import DeltaBase, _key
 from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
 from engine.methods import register
-from engine.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraLayer
+from engine.methods.lora_layers import LoraConv, LoraEmbedding, LoraExperts, LoraLayer
 from engine.routing import RouteHandle, attach_route
+from engine.kinds import is_fused_experts
 from engine.sizing import module_device_dtype
 from engine.structure import expand_common_names
 
@@ -61,7 +62,12 @@ class LoraModel(DeltaBase):
 
     config_class = LoraConfig
     default_modified_modules: ClassVar[list[str]] = ["attn.q", "attn.v"]
-    supported_modules: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding", "Conv2d")
+    supported_modules: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding", "Conv1d", "Conv2d")
+
+    @classmethod
+    def check_module(cls, path: str, module: nn.Module) -> None:
+        if not is_fused_experts(module):  # fused experts: their 3-D parameters take per-expert factors
+            super().check_module(path, module)
 
     @classmethod
     def variants(cls, backbone_model: nn.Module, config: DeltaConfig, paths: list[str]) -> dict[str, Any]:
@@ -82,13 +88,20 @@ class LoraModel(DeltaBase):
     def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
         config: LoraConfig = self.config  # type: ignore[assignment]
         settings = self.variants(self.backbone_model, config, list(modules))
+        linear = {p: m for p, m in modules.items() if not isinstance(m, (nn.Embedding, nn.Conv1d, nn.Conv2d))
+                  and not is_fused_experts(m)}
         if config.use_dora:
-            other = [p for p, m in modules.items() if isinstance(m, (nn.Embedding, nn.Conv2d))]
+            other = [p for p in modules if p not in linear]
             if other:
                 raise ModuleNotSupportedError(
                     f"use_dora supports Linear and Conv1D layers here; {other[0]!r} is a "
                     f"{type(modules[other[0]]).__name__} — leave it out or turn use_dora off")
-        sizes = self.module_sizes({p: m for p, m in modules.items() if not isinstance(m, (nn.Embedding, nn.Conv2d))})
+        experts = [p for p, m in modules.items() if is_fused_experts(m)]
+        if experts and config.lora_dropout:
+            raise ModuleNotSupportedError(
+                f"lora_dropout drops a layer's input, but {experts[0]!r} (fused experts) takes its update "
+                "on the weights — set lora_dropout to 0 or leave the experts out")
+        sizes = self.module_sizes(linear)
         result: dict[str, DeltaModule] = {}
         for path, module in modules.items():
             device, dtype = module_device_dtype(module, self.backbone_model)
@@ -96,8 +109,10 @@ class LoraModel(DeltaBase):
             scaling = config.scaling(rank, alpha)
             if isinstance(module, nn.Embedding):
                 result[path] = LoraEmbedding(module, rank, scaling, device, dtype)
-            elif isinstance(module, nn.Conv2d):
-                result[path] = LoraConv2d(module, rank, scaling, config.lora_dropout, device, dtype)
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+                result[path] = LoraConv(module, rank, scaling, config.lora_dropout, device, dtype)
+            elif is_fused_experts(module):
+                result[path] = LoraExperts(module, rank, scaling, device, dtype)
             else:
                 result[path] = LoraLayer(module, sizes[path].input_dim, sizes[path].output_dim, rank,
                                          scaling, config.lora_dropout, config.use_dora, device, dtype)
@@ -105,6 +120,8 @@ class LoraModel(DeltaBase):
 
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
+        if isinstance(delta, LoraExperts):
+            return RouteHandle(delta.hooks(module))
         if getattr(delta, "dora", False):
             return RouteHandle([module.register_forward_hook(delta.dora_hook, with_kwargs=True)])  # type: ignore[attr-defined]
         # these layers' backward never reads their output, so the update can go in place

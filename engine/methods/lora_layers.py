@@ -3,7 +3,8 @@
 * :class:`LoraLayer` — Linear and transformers' Conv1D (which stores its weight transposed), with
   optional DoRA (a learned magnitude per output feature over the normalised updated weight);
 * :class:`LoraEmbedding` — nn.Embedding (``lora_embedding_A/B`` like PEFT);
-* :class:`LoraConv2d` — nn.Conv2d (A: a conv with the layer's kernel, B: a 1×1 conv).
+* :class:`LoraConv` — nn.Conv1d / nn.Conv2d (A: a conv with the layer's kernel, B: a 1-wide conv);
+* :class:`LoraExperts` — transformers 5 fused MoE experts (per-expert factors on 3-D parameters).
 
 The update starts at zero (B = 0), so attaching changes no output.
 """
@@ -139,15 +140,17 @@ class LoraEmbedding(AdditiveMerge, DeltaModule):
 
 
 
-class LoraConv2d(AdditiveMerge, DeltaModule):
-    """A: Conv2d(in → r) with the layer's kernel/stride/padding; B: 1×1 Conv2d(r → out), zeros."""
+class LoraConv(AdditiveMerge, DeltaModule):
+    """A: a convolution (in → r) with the layer's kernel/stride/padding; B: a 1-wide one (r → out),
+    zeros. For nn.Conv1d and nn.Conv2d (subclasses included: A and B are plain convolutions)."""
 
-    def __init__(self, module: nn.Conv2d, rank: int, scaling: float, dropout: float,
+    def __init__(self, module: nn.Conv1d | nn.Conv2d, rank: int, scaling: float, dropout: float,
                  device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        self.lora_A = nn.Conv2d(module.in_channels, rank, module.kernel_size, module.stride,
-                                module.padding, module.dilation, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Conv2d(rank, module.out_channels, 1, bias=False, device=device, dtype=dtype)
+        conv = nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
+        self.lora_A = conv(module.in_channels, rank, module.kernel_size, module.stride,
+                           module.padding, module.dilation, bias=False, device=device, dtype=dtype)
+        self.lora_B = conv(rank, module.out_channels, 1, bias=False, device=device, dtype=dtype)
         if not self.lora_B.weight.is_meta:
             nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -160,5 +163,73 @@ class LoraConv2d(AdditiveMerge, DeltaModule):
         return self.lora_B(self.lora_A(self.dropout(hidden))) * self.scaling
 
     def update(self) -> torch.Tensor:
-        return torch.einsum("or,rihw->oihw", self.lora_B.weight[:, :, 0, 0], self.lora_A.weight) * self.scaling
+        return torch.einsum("or,ri...->oi...", self.lora_B.weight.flatten(1), self.lora_A.weight) * self.scaling
 
+
+def fused_expert_parameters(module: nn.Module) -> list[str]:
+    """Names of the module's own 3-D parameters: transformers 5 stores MoE experts' projections
+    as one (experts, rows, columns) tensor each."""
+    return [name for name, param in module.named_parameters(recurse=False) if param.dim() == 3]
+
+
+class LoraExperts(DeltaModule):
+    """Per-expert low-rank factors on each fused 3-D parameter (as PEFT's ``target_parameters``):
+    W[e] + B[e]·A[e]·scaling, with A (experts × r × columns, Kaiming) and B (experts × rows × r, zeros).
+
+    The experts' forward reads its parameters by name, so for the duration of each call the
+    updated weights stand in for them (``pre_hook``), and the originals are put back afterwards —
+    also when the call raises. Works with every experts implementation (eager, grouped_mm, …).
+    """
+
+    def __init__(self, module: nn.Module, rank: int, scaling: float,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.names = fused_expert_parameters(module)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name in self.names:
+            experts, rows, columns = getattr(module, name).shape
+            factor_a = torch.empty(experts, rank, columns, device=device, dtype=dtype)
+            if not factor_a.is_meta:
+                for expert in factor_a:
+                    nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+            self.lora_A[name] = nn.Parameter(factor_a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(experts, rows, rank, device=device, dtype=dtype))
+        self.scaling = scaling
+        self.merged = False
+        self._originals: dict[str, nn.Parameter] = {}
+
+    def update(self, name: str) -> torch.Tensor:
+        """B·A·scaling for every expert, shaped like the parameter."""
+        return torch.bmm(self.lora_B[name], self.lora_A[name]) * self.scaling
+
+    def pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if self.merged:
+            return
+        for name in self.names:
+            original = module._parameters[name]
+            self._originals[name] = original  # type: ignore[assignment]
+            module._parameters[name] = original + self.update(name).to(original.dtype)  # type: ignore[assignment]
+
+    def restore(self, module: nn.Module, args: tuple, output: Any) -> None:
+        for name, original in self._originals.items():
+            module._parameters[name] = original
+        self._originals.clear()
+
+    def hooks(self, module: nn.Module) -> list[Any]:
+        return [module.register_forward_pre_hook(self.pre_hook),
+                module.register_forward_hook(self.restore, always_call=True)]
+
+    def merge(self, module: nn.Module) -> None:
+        self._fold(module, 1)
+        self.merged = True
+
+    def unmerge(self, module: nn.Module) -> None:
+        self._fold(module, -1)
+        self.merged = False
+
+    def _fold(self, module: nn.Module, sign: int) -> None:
+        with torch.no_grad():
+            for name in self.names:
+                weight = getattr(module, name)
+                weight.add_(self.update(name).to(weight.dtype), alpha=sign)

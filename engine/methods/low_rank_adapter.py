@@ -72,4 +72,4 @@ class LowRankAdapterModel(DeltaBase):
         rank = config.low_rank_rank  # type: ignore[attr-defined]
         return AdapterLayer(LowRankLinear(in_dim, middle, rank, False, device, dtype),
                             config.non_linearity,  # type: ignore[attr-defined]
-                            LowRankLinear(middle, out_dim, rank, True, device, dtype))
+                            LowRankLinear(middle, out_dim, rank, True, device, dtype)).along_features_of(module)

@@ -86,7 +86,7 @@ class ParallelAdapterModel(DeltaBase):
             device, dtype = module_device_dtype(module, self.backbone_model)
             out_dim = partner_sizes[self.pair_paths[path]].output_dim if self.pair_paths else sizes[path].output_dim
             result[path] = AdapterLayer.linear(sizes[path].input_dim, self.config.bottleneck_dim, out_dim,
-                                               self.config.non_linearity, device, dtype)
+                                               self.config.non_linearity, device, dtype).along_features_of(module)
         return result
 
 

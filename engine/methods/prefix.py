@@ -25,7 +25,7 @@ from engine.building import DeltaModule, descend_to, new_linear
 from engine.delta import DeltaBase
 from engine.errors import DeltaError
 from engine.methods import register
-from engine.roles import calls_attention_interface
+from engine.kinds import calls_attention_interface
 from engine.routing import RouteHandle
 from engine.sizing import (
     ProbeComplete,
