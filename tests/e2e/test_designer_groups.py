@@ -4,7 +4,7 @@ expressions, several groups with unfrozen modules, and the engine's build equal 
 from playwright.sync_api import Page, expect
 
 from engine import registered_methods
-from tests.e2e.helpers import expand, group, node, number, tick, wait_update
+from tests.e2e.helpers import expand, group, load, node, number, tick, wait_update
 
 
 def test_methods_routes_and_hyperparameters_come_from_the_registry(designer: Page):
@@ -145,3 +145,17 @@ def test_roles_show_on_nodes_and_quick_picks_compile_to_expressions(designer: Pa
     page.click("[data-backbone-load]")
     expect(page.locator("[data-tree]")).to_have_attribute("data-ready", "arch:gpt2")
     expect(node(page, "h.*.attn.c_attn")).to_have_attribute("data-node-role", "fused q, k, v projection")
+
+
+def test_fused_moe_experts_are_labelled_and_selectable(designer: Page):
+    page = designer
+    expect(page.locator('[data-quick-pick="moe.experts"]')).to_be_hidden()  # MiniLM has no experts
+    load(page, "catalog", "mixtral-8x7b")
+    expect(page.locator("[data-tree]")).to_have_attribute("data-ready", "catalog:mixtral-8x7b")
+    expect(node(page, "model.layers.*.mlp.experts")).to_have_attribute(
+        "data-node-role", "mixture-of-experts experts (fused parameters)")
+    expect(node(page, "model.layers.*.mlp")).to_have_attribute("data-node-role", "mixture-of-experts block")
+    wait_update(page, lambda: page.click('[data-quick-pick="moe.experts"]'))
+    expect(group(page).locator("[data-expressions]")).to_have_attribute("data-expressions", "experts")
+    # LoRA r=8 on 32 layers × 8 experts × (gate_up (28672 × 4096) + down (4096 × 14336))
+    assert number(page, "[data-total-trainable]") == 32 * 8 * 8 * ((28672 + 4096) + (4096 + 14336))
