@@ -156,6 +156,7 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
     inside = [p for p in modules if p and (p == layer or p.startswith(prefix))]
     attention = [p for p in inside if is_attention(modules[p])
                  and not any(p.startswith(a + ".") for a in inside if a != p and is_attention(modules[a]))]
+    attention = [_attention_core(block, modules) for block in attention]
     for block in attention:
         cross = _CROSS.search(block.rsplit(".", 1)[-1]) or _CROSS.search(type(modules[block]).__name__)
         roles.add("attn", block)
@@ -203,6 +204,17 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
         else:
             for path in members:
                 roles.add("ff", path)
+
+
+def _attention_core(block: str, modules: dict[str, nn.Module]) -> str:
+    """The innermost attention module holding all of the block's projections: T5's
+    ``layer.0.SelfAttention`` rather than its residual wrapper ``layer.0`` (a T5LayerSelfAttention
+    with the norm and dropout), while BERT's ``attention`` stays whole (its output projection
+    lies beside ``attention.self``)."""
+    projections = [p for p in modules if p.startswith(block + ".") and _linear_shape(modules[p])]
+    inner = [p for p in modules if p.startswith(block + ".") and is_attention(modules[p])
+             and all(q.startswith(p + ".") for q in projections)]
+    return max(inner, key=lambda p: p.count("."), default=block)
 
 
 def _common_parent(paths: list[str]) -> str:

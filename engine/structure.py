@@ -1,9 +1,8 @@
 """Common names (``attn.q``, ``ff.w2``, …) and what they are called in each architecture.
 
-The table below predates structural inference (``engine.roles``), which covers every other model
-and agrees with it on its architectures (tests/engine/test_roles.py). ViT left the table when
-transformers 5 renamed its modules (``attention.q_proj``, ``mlp.fc1``): inference follows such
-renames by itself.
+Roles are inferred from each model's structure (``engine.roles``), so renames across transformers
+releases (ViT's ``attention.q_proj`` in 5.x) need no table update; ``COMMON_NAME_MAP`` overrides
+inference only where it is wrong.
 
 A common name in ``modified_modules`` is replaced by the architecture's own addressing
 expressions, so one config works across model families. To address a module whose real name
@@ -43,86 +42,12 @@ ATTENTION_FREE_FALLBACKS: dict[str, tuple[str, ...]] = {"attn.q": ("ff.w1",), "a
 
 logger = logging.getLogger(__name__)
 
-_BERT_LIKE = {
-    "attn": [r"[r]\d+\.attention"],  # the block; prefix descends to the module that attends
-    "attn.q": ["attention.self.query"],
-    "attn.k": ["attention.self.key"],
-    "attn.v": ["attention.self.value"],
-    "attn.o": ["attention.output.dense"],
-    "ff": ["intermediate", r"[r]\d+\.output"],
-    "ff.w1": ["intermediate.dense"],
-    "ff.w2": [r"[r]\d+\.output\.dense"],
-    "layer_norm": ["LayerNorm"],
-    "embeddings": ["word_embeddings"],
-}
-_LLAMA_LIKE = {
-    "attn": ["self_attn"],
-    "attn.q": ["q_proj"],
-    "attn.k": ["k_proj"],
-    "attn.v": ["v_proj"],
-    "attn.o": ["o_proj"],
-    "ff": ["mlp"],
-    "ff.w1": ["up_proj"],
-    "ff.gate": ["gate_proj"],
-    "ff.w2": ["down_proj"],
-    "layer_norm": [r"[r]\w*norm"],
-    "embeddings": ["embed_tokens"],
-}
-# no "embeddings" here: bart-style models have one input embedding (``shared``) tied to the
-# encoder's and decoder's embed_tokens; inference finds it through get_input_embeddings()
-_BART_LIKE = {
-    "attn": [r"[r](self_attn|encoder_attn)"],
-    "attn.q": ["q_proj"],
-    "attn.k": ["k_proj"],
-    "attn.v": ["v_proj"],
-    "attn.o": ["out_proj"],
-    "ff": ["fc1", "fc2"],
-    "ff.w1": ["fc1"],
-    "ff.w2": ["fc2"],
-    "layer_norm": [r"[r]\w*layer_norm\w*"],
-}
-
-#: model_type → common name → expressions in that architecture.
-COMMON_NAME_MAP: dict[str, dict[str, list[str]]] = {
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "deberta-v2": {
-        **_BERT_LIKE,
-        "attn.q": ["query_proj"],
-        "attn.k": ["key_proj"],
-        "attn.v": ["value_proj"],
-    },
-    "gpt2": {
-        "attn": ["[r]attn"],
-        # GPT-2 fuses q, k and v into one projection: each of them means c_attn
-        "attn.q": ["c_attn"],
-        "attn.k": ["c_attn"],
-        "attn.v": ["c_attn"],
-        "attn.o": ["attn.c_proj"],
-        "ff": ["mlp"],
-        "ff.w1": ["c_fc"],
-        "ff.w2": ["mlp.c_proj"],
-        "layer_norm": [r"[r]ln_\w+"],
-        "embeddings": ["wte"],
-    },
-    "opt": {**_BART_LIKE, "attn": ["self_attn"], "embeddings": ["embed_tokens"]},
-    "bart": _BART_LIKE,
-    "t5": {
-        "attn": [r"[r](SelfAttention|EncDecAttention)"],
-        "attn.q": ["q"],
-        "attn.k": ["k"],
-        "attn.v": ["v"],
-        "attn.o": ["o"],
-        "ff": ["DenseReluDense"],
-        "ff.w1": [r"[r]wi(_0|_1)?"],
-        "ff.w2": ["wo"],
-        "layer_norm": [r"[r]\w*layer_norm"],
-        "embeddings": ["shared"],
-    },
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-}
+#: model_type → common name → expressions, for the architectures where structural inference
+#: (``engine.roles``) gets a role wrong. Every entry must say why. There are none today: the names
+#: a person would write for bert, roberta, deberta-v2, gpt2, opt, bart, t5, llama, mistral and
+#: qwen2 — the table this library started with — are what inference finds
+#: (tests/engine/test_roles.py keeps them as its expectations).
+COMMON_NAME_MAP: dict[str, dict[str, list[str]]] = {}
 
 
 def model_type_of(model: nn.Module) -> str | None:
@@ -140,6 +65,12 @@ def _model_label(model: nn.Module) -> str:
     return f"model type {model_type!r}" if model_type else type(model).__name__
 
 
+def available_roles(model: nn.Module) -> set[str]:
+    """The common names this model has modules for."""
+    table = COMMON_NAME_MAP.get(model_type_of(model) or "", {})
+    return set(table) | {r for r in _inferred(model)[0].by_role if r in COMMON_NAMES}
+
+
 def default_positions(model: nn.Module, defaults: list[str]) -> list[str]:
     """A method's default common names as they apply to this model (see DEFAULT_FALLBACKS).
 
@@ -148,8 +79,7 @@ def default_positions(model: nn.Module, defaults: list[str]) -> list[str]:
     table = COMMON_NAME_MAP.get(model_type_of(model) or "")
     if table is not None and all(name in table for name in defaults):
         return list(defaults)
-    roles = _inferred(model)[0].by_role
-    present = set(roles) | set(table or ())
+    present = available_roles(model)
     chosen: list[str] = []
     for name in defaults:
         chain = (name, *DEFAULT_FALLBACKS.get(name, ()))

@@ -16,7 +16,7 @@ from engine.delta import DeltaBase
 from engine.methods import register
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import module_device_dtype
-from engine.structure import COMMON_NAME_MAP, expand_common_names, model_type_of
+from engine.structure import available_roles, expand_common_names
 
 
 @dataclass
@@ -53,7 +53,7 @@ class IA3Model(DeltaBase):
         """Modules whose input is scaled (the feed-forward down-projections)."""
         expressions = config.feedforward_modules
         if expressions is None:
-            if "ff.w2" not in COMMON_NAME_MAP.get(model_type_of(model) or "", {}):
+            if "ff.w2" not in available_roles(model):
                 return set()
             expressions = ["ff.w2"]
         return set(resolve(model, expand_common_names(model, list(expressions))).paths)
