@@ -129,3 +129,12 @@ def test_a_role_that_is_not_found_says_which_and_what_to_do():
     model = load_backbone("catalog:mixtral-8x7b").model
     with pytest.raises(ConfigError, match=r"common name 'ff.w2': no module .*recognised.*roles found: .*attn.q"):
         expand_common_names(model, ["ff.w2"])
+
+
+def test_ia3_scales_the_inputs_of_inferred_feed_forward_down_projections():
+    model = load_backbone("arch:phi").model  # phi: fc1/fc2, found by shape
+    delta = AutoDeltaModel.from_config({"delta_type": "ia3"}, model, attach=False)
+    assert delta.modified_paths[:3] == ["layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj", "layers.0.mlp.fc2"]
+    assert delta.delta_modules["layers/0/mlp/fc2"].on_input
+    # 24 layers × (k output 2048 + v output 2048 + fc2 input 8192)
+    assert delta.num_trainable_parameters() == 24 * (2048 + 2048 + 8192)
