@@ -43,10 +43,15 @@ def is_pointwise_conv(module: nn.Module) -> bool:
     return is_channels_first(module) and module.groups == 1 and all(k == 1 for k in module.kernel_size)
 
 
+def fused_expert_parameters(module: nn.Module) -> list[str]:
+    """Names of the module's own 3-D parameters: transformers 5 stores MoE experts' projections
+    as one (experts, rows, columns) tensor each."""
+    return [name for name, param in module.named_parameters(recurse=False) if param.dim() == 3]
+
+
 def is_fused_experts(module: nn.Module) -> bool:
     """transformers 5 mixture-of-experts weights: one module holding (experts, out, in) parameters."""
-    return "expert" in type(module).__name__.lower() and any(
-        param.dim() == 3 for param in module.parameters(recurse=False))
+    return "expert" in type(module).__name__.lower() and bool(fused_expert_parameters(module))
 
 
 def keeps_width(module: nn.Module) -> bool:

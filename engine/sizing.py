@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from engine.errors import DeltaError
-from engine.kinds import is_fused_experts, keeps_width
+from engine.kinds import fused_expert_parameters, is_fused_experts, keeps_width
 from engine.routing import first_tensor, main_output
 from engine.tree import ModuleTree, all_modules
 
@@ -57,7 +57,7 @@ def declared_sizes(module: nn.Module) -> IOSizes | None:
 def _expert_sizes(module: nn.Module) -> IOSizes | None:
     """Fused experts: one (experts, out, in) weight, or an up- and a down-projection whose shared
     dimension is the hidden width, in either storage order ((E, 2I, H) + (E, H, I), or transposed)."""
-    shapes = [p.shape for p in module.parameters(recurse=False) if p.dim() == 3]
+    shapes = [getattr(module, name).shape for name in fused_expert_parameters(module)]
     if len(shapes) == 1:
         return IOSizes(shapes[0][2], shapes[0][1])
     first, last = shapes[0], shapes[-1]

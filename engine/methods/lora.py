@@ -1,6 +1,7 @@
 """LoRA: h_out ← h_out + B·A·dropout(h_in) · α/r, in parallel with a Linear, Conv1D, Embedding,
-Conv1d or Conv2d layer, or W[e] + B[e]·A[e] · α/r on each expert of a fused mixture of experts. Options: rank-stabilised scaling (α/√r), DoRA, and per-module rank/alpha patterns
-keyed by addressing expressions."""
+Conv1d or Conv2d layer, or W[e] + B[e]·A[e] · α/r on each expert of a fused mixture of experts.
+Options: rank-stabilised scaling (α/√r), DoRA, and per-module rank/alpha patterns keyed by
+addressing expressions."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.building import DeltaModule, new_linear, zero_init
+from engine.kinds import fused_expert_parameters
 from engine.routing import first_tensor
 
 
@@ -164,12 +165,6 @@ class LoraConv(AdditiveMerge, DeltaModule):
 
     def update(self) -> torch.Tensor:
         return torch.einsum("or,ri...->oi...", self.lora_B.weight.flatten(1), self.lora_A.weight) * self.scaling
-
-
-def fused_expert_parameters(module: nn.Module) -> list[str]:
-    """Names of the module's own 3-D parameters: transformers 5 stores MoE experts' projections
-    as one (experts, rows, columns) tensor each."""
-    return [name for name, param in module.named_parameters(recurse=False) if param.dim() == 3]
 
 
 class LoraExperts(DeltaModule):

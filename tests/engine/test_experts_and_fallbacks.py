@@ -77,6 +77,16 @@ def test_expert_factors_train_save_load_and_merge(tmp_path):
     delta.unmerge()
 
 
+def test_expert_weights_are_restored_when_the_forward_raises():
+    model = tiny_mixtral()
+    LoraModel(model, ["moe.experts"])
+    experts = model.layers[0].mlp.experts
+    original = experts.down_proj
+    with pytest.raises(Exception):  # noqa: B017 - any failure inside the experts' forward
+        experts(torch.zeros(3, 32), torch.zeros(3, 2, dtype=torch.long), None)
+    assert experts.down_proj is original and isinstance(experts.down_proj, torch.nn.Parameter)
+
+
 def test_expert_lora_refuses_what_it_cannot_honour(tmp_path):
     with pytest.raises(ModuleNotSupportedError, match="lora_dropout drops a layer's input.*fused experts"):
         LoraModel(tiny_mixtral(), ["moe.experts"], lora_dropout=0.1)
