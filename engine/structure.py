@@ -12,6 +12,7 @@ happens to be a common name (GPT-2's ``attn``), write it as a regex: ``[r]attn``
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 from torch import nn
@@ -35,9 +36,9 @@ DEFAULT_FALLBACKS: dict[str, tuple[str, ...]] = {
     "ff.w2": ("moe",),
 }
 #: Models without attention projections (state-space, convolutional, Fourier-mixing, gated MLP
-#: mixers): LoRA's q/v positions fall
-#: back to the dense projections they do have, e.g. Mamba's in/out projections, ConvNeXt's pointwise
-#: convolutions. Positions with no role at all are left out, as long as one default remains.
+#: mixers): LoRA's q/v positions fall back to the dense projections they do have, e.g. Mamba's
+#: in/out projections, ConvNeXt's pointwise convolutions. Positions with no role at all are left
+#: out, as long as one default remains.
 ATTENTION_FREE_FALLBACKS: dict[str, tuple[str, ...]] = {"attn.q": ("ff.w1",), "attn.v": ("ff.w2",)}
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,20 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+_INFERRED: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[Roles, ModuleTree]]] = (
+    weakref.WeakKeyDictionary())
+
+
 def _inferred(model: nn.Module) -> tuple[Roles, ModuleTree]:
-    tree = ModuleTree.from_model(model)
-    return infer_roles(model, tree), tree
+    """The model's roles and tree, kept until its module count changes (a delta attached or
+    detached): default positions and common-name expansion both need them on every build."""
+    count = sum(1 for _ in model.modules())
+    cached = _INFERRED.get(model)
+    if cached is None or cached[0] != count:
+        tree = ModuleTree.from_model(model)
+        cached = (count, (infer_roles(model, tree), tree))
+        _INFERRED[model] = cached
+    return cached[1]
 
 
 def _model_label(model: nn.Module) -> str:
