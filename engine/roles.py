@@ -41,7 +41,8 @@ LABELS = {
     "ff.gate": "feed-forward gate projection", "ff.w2": "feed-forward down-projection",
     "layer_norm": "normalisation", "embeddings": "input embeddings", "head": "output head",
     "moe": "mixture-of-experts block", "moe.experts": "mixture-of-experts experts (fused parameters)",
-    "layers": "repeated layer",
+    "layers": "repeated layer", "tower.vision": "vision tower", "tower.text": "text tower",
+    "tower.audio": "audio tower",
 }
 
 
@@ -123,6 +124,7 @@ def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
     for layer in layers:
         roles.add("layers", layer)
         _classify_layer(layer, modules, roles)
+    _add_towers(layers, roles)
     if not layers:  # one layer in this config, or layers shared (ALBERT): read the whole model
         _classify_layer("", modules, roles)
     for path, module in modules.items():
@@ -204,6 +206,26 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
         else:
             for path in members:
                 roles.add("ff", path)
+
+
+_TOWER_KINDS = (("tower.vision", re.compile(r"vision|visual|image|pixel", re.I)),
+                ("tower.text", re.compile(r"text|language", re.I)),
+                ("tower.audio", re.compile(r"audio|speech|acoustic", re.I)))
+
+
+def _add_towers(layers: list[str], roles: Roles) -> None:
+    """Multimodal models: the outermost modules holding layer stacks, when two or more of them are
+    named for a modality (CLIP's ``vision_model`` and ``text_model``, LLaVA's ``vision_tower``)."""
+    holders: dict[str, str] = {}
+    for layer in layers:
+        parts = layer.split(".")
+        start = 1 if parts[0] == "model" and len(parts) > 2 else 0
+        holders.setdefault(".".join(parts[: start + 1]), parts[start])
+    named = [(kind, path) for path, name in holders.items()
+             for kind, pattern in _TOWER_KINDS if pattern.search(name)]
+    if len(named) >= 2:
+        for kind, path in named:
+            roles.add(kind, path)
 
 
 def _attention_core(block: str, modules: dict[str, nn.Module]) -> str:

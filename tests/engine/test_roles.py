@@ -138,3 +138,13 @@ def test_ia3_scales_the_inputs_of_inferred_feed_forward_down_projections():
     assert delta.delta_modules["layers/0/mlp/fc2"].on_input
     # 24 layers × (k output 2048 + v output 2048 + fc2 input 8192)
     assert delta.num_trainable_parameters() == 24 * (2048 + 2048 + 8192)
+
+
+@pytest.mark.parametrize(("source", "vision", "text"), [
+    ("arch:clip", "vision_model", "text_model"), ("arch:llava", "vision_tower", "language_model"),
+    ("arch:qwen2_vl", "visual", "language_model")])
+def test_multimodal_towers_are_found(source, vision, text):
+    roles = infer_roles(load_backbone(source).model)
+    assert roles.by_role["tower.vision"] == [vision] and roles.by_role["tower.text"] == [text]
+    assert roles.label(vision) == "vision tower"
+    assert "tower.vision" not in infer_roles(load_backbone("arch:bert").model).by_role
