@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engine import AutoDeltaConfig, ModuleTree, estimate_delta, list_architectures, load_backbone
 from engine.roles import infer_roles
-from engine.structure import COMMON_NAME_MAP, COMMON_NAMES
+from engine.roles import COMMON_NAME_MAP, COMMON_NAMES
 
 METHODS = ("lora", "adapter", "bitfit")
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
@@ -87,7 +87,7 @@ def main() -> None:
         "built from its default config on the meta device (no weights); roles inferred structurally",
         "(or from the hand-written table where it has the type); exact trainable counts of AutoDelta's",
         "default `lora`, `adapter` and `bitfit`. Where a model lacks a default's role, the defaults",
-        "fall back as `engine/structure.py` documents (attn.o → attn; ff.w2 → the mixture-of-experts",
+        "fall back as `engine/roles/common_names.py` documents (attn.o → attn; ff.w2 → the mixture-of-experts",
         "block; q/v → the dense projections in models without attention projections) and leave out",
         "positions with no role at all, as long as one remains.",
         "",

@@ -14,7 +14,7 @@ from engine.backbones import (
 from engine.auto import AutoDeltaConfig, AutoDeltaModel
 from engine.catalog import CATALOG, CatalogEntry
 from engine.config import DeltaConfig
-from engine.building import DeltaModule
+from engine.layers import DeltaModule
 from engine.delta import DeltaBase
 from engine.checkpoint import atomic_write_bytes
 from engine.design import AppliedDesign, Design, DesignMismatchError
@@ -42,7 +42,7 @@ from engine.errors import (
     UnknownBackboneError,
     UnknownPathError,
 )
-from engine.methods import REGISTRY, method_for, register, registered_methods
+from engine.registry import REGISTRY, method_for, register, registered_methods
 from engine.methods.adapter import AdapterConfig, AdapterModel
 from engine.methods.bitfit import BitFitConfig, BitFitModel
 from engine.methods.compacter import CompacterConfig, CompacterModel
@@ -52,9 +52,8 @@ from engine.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapter
 from engine.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
 from engine.methods.prefix import PrefixConfig, PrefixModel
 from engine.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
-from engine.roles import Roles, infer_roles
+from engine.roles import COMMON_NAMES, ModelStructure, Roles, expand_common_names, infer_roles
 from engine.routing import Route, attach_route
-from engine.structure import COMMON_NAMES, expand_common_names
 from engine.tree import ModuleTree, TreeNode, format_indices, parse_indices
 from engine.visualize import Visualization, human_count
 
@@ -64,6 +63,7 @@ __all__ = [
     "DTYPE_BYTES",
     "REGISTRY",
     "DeltaEstimate",
+    "ModelStructure",
     "Roles",
     "infer_roles",
     "atomic_write_bytes",

@@ -1,4 +1,4 @@
-"""AutoDeltaConfig / AutoDeltaModel: pick the method class from ``delta_type``."""
+"""AutoDeltaConfig / AutoDeltaModel: pick the method class from ``delta_type`` (the registry)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Any
 
 from torch import nn
 
+from engine.checkpoint import RECORD_KEYS, read_config
 from engine.config import DeltaConfig
 from engine.delta import DeltaBase
 from engine.errors import ConfigError
-from engine.methods import method_for
+from engine.registry import method_for
 
 
 class AutoDeltaConfig:
@@ -26,12 +27,8 @@ class AutoDeltaConfig:
 
     @staticmethod
     def from_finetuned(directory: str | Path) -> DeltaConfig:
-        from engine.checkpoint import read_config
-
         raw = read_config(Path(directory))
-        keep = {k: v for k, v in raw.items()
-                if k not in ("format", "resolved_modules", "backbone_class", "trainable_parameters")}
-        return AutoDeltaConfig.from_dict(keep)
+        return AutoDeltaConfig.from_dict({k: v for k, v in raw.items() if k not in RECORD_KEYS})
 
 
 class AutoDeltaModel:
@@ -46,7 +43,6 @@ class AutoDeltaModel:
         return method_for(config.delta_type)(backbone_model, config=config, attach=attach)
 
     @staticmethod
-    def from_finetuned(directory: str | Path, backbone_model: nn.Module) -> DeltaBase:
-        from engine.checkpoint import load_delta
-
-        return load_delta(Path(directory), backbone_model)
+    def from_finetuned(directory: str | Path, backbone_model: nn.Module, *, is_trainable: bool = False) -> DeltaBase:
+        """Load a checkpoint of any method (see :meth:`DeltaBase.from_finetuned`)."""
+        return DeltaBase.from_finetuned(directory, backbone_model, is_trainable=is_trainable)

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine._gc import gc_paused
 from engine.catalog import CATALOG, CatalogEntry
 from engine.errors import (
     BackboneError,
@@ -116,7 +115,7 @@ def build_on_meta(
     from accelerate import init_empty_weights
 
     device = torch.device("meta") if meta_buffers else contextlib.nullcontext()
-    with gc_paused(), init_empty_weights(include_buffers=meta_buffers), device:
+    with init_empty_weights(include_buffers=meta_buffers), device:
         if model_class is None:
             model = transformers.AutoModel.from_config(config)
         else:

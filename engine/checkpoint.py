@@ -1,7 +1,9 @@
-"""Delta checkpoints: ``config.json`` + ``delta.safetensors`` with delta tensors only.
+"""Delta checkpoints on disk: ``config.json`` + ``delta.safetensors``. This module only reads and
+writes (a config dict and named tensors); which class to build and how to fill it is
+:mod:`engine.delta`'s business.
 
-Files are written to temporary names and renamed into place, so a crash never leaves a
-half-written checkpoint. Loading checks the checkpoint against the backbone before touching it.
+Files are written to temporary names, flushed to disk and renamed into place, so a crash never
+leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
@@ -10,21 +12,23 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
-from torch import nn
 
-from engine.errors import CheckpointError, DeltaStateError
-
-if TYPE_CHECKING:
-    from engine.delta import DeltaBase
+from engine.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "delta.safetensors"
 CHECKPOINT_FORMAT = "delta-checkpoint/1"
+#: Keys of the config that describe a checkpoint rather than configure the delta.
+RECORD_KEYS = ("format", "resolved_modules", "backbone_class", "trainable_parameters", "unfrozen_paths")
+#: Tensor-name prefixes: parameters shared by all of a delta's modules, and backbone tensors that
+#: trained with the delta (its unfrozen modules). Module paths never contain "::".
+SHARED_PREFIX = "shared::"
+BACKBONE_PREFIX = "backbone::"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -48,39 +52,13 @@ def atomic_write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metad
     atomic_write_bytes(path, safetensors_bytes(data, metadata=metadata))
 
 
-def _gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """A full tensor: FSDP2 shards parameters as DTensors, gathered here (a collective)."""
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else tensor
-
-
-def _writes() -> bool:
-    """Only rank 0 writes when running under torch.distributed."""
-    distributed = torch.distributed
-    return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
-
-
-def save_delta(delta: DeltaBase, directory: Path) -> Path:
-    """Under torch.distributed, call it on every rank: sharded tensors are gathered, rank 0 writes."""
-    state = {key: _gathered(tensor) for key, tensor in delta.delta_state().items()}
-    if any(t.is_meta for t in state.values()):
-        raise DeltaStateError(
-            "this delta lives on a meta backbone and has no values to save; build it on a "
-            "backbone with real weights (load_backbone of a directory or 'minilm')"
-        )
-    if not _writes():
-        return directory
+def write_checkpoint(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the weights, then the config (its ``delta_type`` names the tensors' owner)."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "format": CHECKPOINT_FORMAT,
-        **delta.config.to_dict(),
-        "resolved_modules": delta.modified_paths,
-        "backbone_class": type(delta.backbone_model).__name__,
-        "trainable_parameters": delta.num_trainable_parameters(),
-    }
-    atomic_write_safetensors(directory / WEIGHTS_FILE, state,
-                             {"format": CHECKPOINT_FORMAT, "delta_type": delta.delta_type})
-    atomic_write_bytes(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
+    atomic_write_safetensors(directory / WEIGHTS_FILE, tensors,
+                             {"format": CHECKPOINT_FORMAT, "delta_type": str(config["delta_type"])})
+    atomic_write_bytes(directory / CONFIG_FILE, json.dumps({"format": CHECKPOINT_FORMAT, **config},
+                                                           indent=2, allow_nan=False).encode())
     return directory
 
 
@@ -113,54 +91,13 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def load_delta(directory: Path, backbone_model: nn.Module) -> DeltaBase:
-    """Rebuild a saved delta on ``backbone_model``; the backbone is untouched if anything fails."""
-    from engine.auto import AutoDeltaConfig
-    from engine.methods import method_for
-
-    raw = read_config(directory)
-    saved_modules = raw.get("resolved_modules")
-    config = AutoDeltaConfig.from_dict(
-        {k: v for k, v in raw.items()
-         if k not in ("format", "resolved_modules", "backbone_class", "trainable_parameters")}
-    )
-    tensors = read_safetensors(directory / WEIGHTS_FILE)
-    delta = method_for(config.delta_type)(backbone_model, config=config, attach=False)
-    if saved_modules is not None and list(saved_modules) != delta.modified_paths:
-        missing = [p for p in saved_modules if p not in delta.modified_paths]
-        extra = [p for p in delta.modified_paths if p not in saved_modules]
-        raise CheckpointError(
-            "this checkpoint was made for another backbone: its modules do not match. "
-            f"In the checkpoint only: {_listing(missing)}; in this backbone only: {_listing(extra)}"
-        )
-    fill_delta(delta, tensors)
-    return delta.attach()
+def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config (as saved) and every tensor of a checkpoint directory."""
+    return read_config(directory), read_safetensors(directory / WEIGHTS_FILE)
 
 
-def fill_delta(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into a built (unattached) delta; keys and shapes must match exactly."""
-    expected = delta.delta_state()
-    missing_keys = sorted(set(expected) - set(tensors))
-    unexpected_keys = sorted(set(tensors) - set(expected))
-    if missing_keys or unexpected_keys:
-        raise CheckpointError(
-            f"checkpoint keys do not fit this backbone: missing {_listing(missing_keys)}; "
-            f"unexpected {_listing(unexpected_keys)}"
-        )
-    wrong = [
-        f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items() if tuple(tensors[k].shape) != tuple(v.shape)
-    ]
-    if wrong:
-        raise CheckpointError(f"checkpoint tensor shapes do not fit this backbone: {_listing(wrong)}")
-    with torch.no_grad():
-        for key, target in expected.items():
-            if target.is_meta:
-                raise DeltaStateError("cannot load a checkpoint into a delta on a meta backbone")
-            target.copy_(tensors[key])
-
-
-def _listing(items: list[str], limit: int = 6) -> str:
+def listing(items: list[str], limit: int = 6) -> str:
+    """A short, readable list for error messages."""
     if not items:
         return "none"
     shown = ", ".join(items[:limit])

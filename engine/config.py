@@ -7,6 +7,7 @@ input, and is the per-delta entry of a ``delta-design/1`` document.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -14,6 +15,7 @@ from typing import Any, ClassVar
 from engine.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+DELTA_DTYPES = ("auto", "backbone", "float32")
 
 
 @dataclass
@@ -28,10 +30,17 @@ class DeltaConfig:
     exclude_modules: list[str] = field(default_factory=list)
     route: str | None = None
     name: str | None = None
+    #: what ``freeze_module()`` leaves trainable: ``"deltas"`` plus backbone modules (expressions)
+    unfrozen_modules: list[str] = field(default_factory=lambda: ["deltas"])
+    #: dtype of the delta's parameters: "auto" = float32 on a 16-bit backbone (small updates do not
+    #: vanish in bfloat16), else the backbone's; "backbone" = always the backbone's; or "float32"
+    delta_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.modified_modules = _expression_list("modified_modules", self.modified_modules, True)
         self.exclude_modules = _expression_list("exclude_modules", self.exclude_modules, False) or []
+        self.unfrozen_modules = _expression_list("unfrozen_modules", self.unfrozen_modules, False) or []
+        one_of(self.delta_type or "delta", "delta_dtype", self.delta_dtype, DELTA_DTYPES)
         if self.route is None:
             self.route = self.routes[0]
         if self.route not in self.routes:
@@ -127,12 +136,13 @@ def positive_int(owner: str, name: str, value: Any) -> None:
 
 
 def positive_number(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{owner}: {name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{owner}: {name} must be a positive, finite number, got {value!r}")
 
 
 def probability(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0 <= value < 1):
         raise ConfigError(f"{owner}: {name} must be in [0, 1), got {value!r}")
 
 

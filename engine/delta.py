@@ -3,27 +3,39 @@
 A method subclasses :class:`DeltaBase` and says which modules it can wrap, how to build one delta
 module for a modified module, and (optionally) how to wire it in. The base class resolves
 ``modified_modules`` with the one addressing grammar, validates every target before touching the
-backbone, and owns attach/detach, freezing, counting, logging and checkpoints.
+backbone — including that the model's forward really calls it — and owns attach/detach, freezing,
+counting, logging and checkpoints.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from rich.console import Console
 from torch import nn
 
-from engine._gc import gc_paused
+from engine import persistence
 from engine.addressing import resolve
-from engine.building import DeltaModule, inside_delta
 from engine.config import DeltaConfig
 from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
+from engine.layers import DeltaModule
+from engine.locking import model_lock
+from engine.probe import module_device_dtype
+from engine.reach import find_bypassed
+from engine.roles import IOSizes, ModelStructure, declared_sizes, default_positions, expand_common_names
+from engine.roles.kinds import mixture_sizes
 from engine.routing import RouteHandle, attach_route
-from engine.sizing import IOSizes, declared_sizes, probe_sizes
-from engine.structure import default_positions, expand_common_names
+from engine.sizing import probe_sizes
+from engine.targets import inside_delta
 from engine.tree import ModuleTree, all_modules
 from engine.visualize import Visualization
+
+logger = logging.getLogger(__name__)
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _key(path: str) -> str:
@@ -39,6 +51,8 @@ class DeltaBase(nn.Module):
     default_modified_modules: ClassVar[list[str]] = []
     #: Module types a delta can wrap (class names, so optional libraries need not be imported).
     supported_modules: ClassVar[tuple[str, ...]] = ()
+    #: Whether the delta runs in its targets' forward (so a target the model bypasses is refused).
+    hooks_target_forward: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -49,11 +63,14 @@ class DeltaBase(nn.Module):
         config: DeltaConfig | None = None,
         attach: bool = True,
         paths: list[str] | None = None,
+        planned: list[str] | None = None,
         **hyperparameters: Any,
     ) -> None:
         """Resolve where the delta goes, build one delta module per target, attach (unless told not).
 
-        ``paths`` gives already planned target paths (see :meth:`plan`), skipping resolution.
+        ``paths`` gives already planned target paths (see :meth:`plan`), skipping resolution;
+        ``planned`` the whole planned set when only some of it is built (estimates), so parts
+        shared by all targets are sized for all of them.
         """
         super().__init__()
         if not isinstance(backbone_model, nn.Module):
@@ -77,10 +94,15 @@ class DeltaBase(nn.Module):
         self._handles: list[RouteHandle] = []
         self._attached = False
         self._state_dict_handle: Any = None
-        with gc_paused():
-            modules = all_modules(backbone_model)
+        #: backbone modules that train with this delta (set by freeze_module, saved with it)
+        self.unfrozen_paths: list[str] = []
+        #: modules shared by all of this delta's modules (registered inside the first of them)
+        self.shared_modules = nn.ModuleDict()
+        with model_lock(backbone_model):
+            structure = ModelStructure(backbone_model)
+            modules = structure.modules
             if paths is None:
-                self.modified_paths = self.plan(backbone_model, config, modules=modules)
+                self.modified_paths = self.plan(backbone_model, config, structure=structure)
             else:
                 unknown = [p for p in paths if p not in modules]
                 if unknown:
@@ -88,6 +110,7 @@ class DeltaBase(nn.Module):
                 for path in paths:
                     self.check_module(path, modules[path])
                 self.modified_paths = list(paths)
+            self.planned_paths = list(planned) if planned is not None else list(self.modified_paths)
             built = self.build_deltas({p: modules[p] for p in self.modified_paths})
             self.delta_modules = nn.ModuleDict({_key(p): built[p] for p in self.modified_paths})
             if attach:
@@ -109,23 +132,50 @@ class DeltaBase(nn.Module):
         backbone_model: nn.Module,
         config: DeltaConfig,
         *,
-        modules: dict[str, nn.Module] | None = None,
+        structure: ModelStructure | None = None,
         tree: ModuleTree | None = None,
     ) -> list[str]:
         """The module paths this config modifies on ``backbone_model``, checked, nothing built.
 
-        Pass the backbone's ``tree`` to reuse its addressing index (the designer does).
+        Pass the backbone's ``tree`` (or a whole ``structure``) to reuse its addressing index
+        (the designer does). Targets the model's forward bypasses are refused by name — or, for
+        default positions, left out with a log line.
         """
-        modules = all_modules(backbone_model) if modules is None else modules
-        targets = cls.select_targets(cls._resolve(backbone_model, config, modules, tree), modules)
+        structure = structure if structure is not None else ModelStructure(backbone_model, tree)
+        modules = structure.modules
+        targets = cls.select_targets(cls._resolve(structure, config), modules)
         seen: set[int] = set()  # a module shared by two paths is wrapped once, at its first path
         targets = [p for p in targets if not (id(modules[p]) in seen or seen.add(id(modules[p])))]
         for path in targets:
             cls.check_module(path, modules[path])
+        if cls.hooks_target_forward:
+            targets = cls._without_bypassed(structure, config, targets)
         return targets
 
     @classmethod
-    def variants(cls, backbone_model: nn.Module, config: DeltaConfig, paths: list[str]) -> dict[str, Any]:
+    def _without_bypassed(cls, structure: ModelStructure, config: DeltaConfig, targets: list[str]) -> list[str]:
+        bypassed = find_bypassed(structure.model, targets, structure.tree, structure.modules)
+        if not bypassed:
+            return targets
+        path, reader = next(iter(bypassed.items()))
+        reason = (f"the model never calls {path!r}; it reads its parameters directly ({reader} on "
+                  f"{path}'s weight), so a {config.delta_type} hook there would never run")
+        if config.modified_modules is not None:
+            others = [p for p in bypassed if p != path]
+            raise ModuleNotSupportedError(
+                f"{config.delta_type} cannot modify {path!r}: {reason}"
+                + (f" (the same holds for {', '.join(others[:4])}{' …' if len(others) > 4 else ''})" if others else "")
+                + "; choose modules the forward calls (`delta-designer tree` lists them)")
+        kept = [p for p in targets if p not in bypassed]
+        logger.info("default positions: left out %d module(s) the model bypasses: %s", len(bypassed), reason)
+        if not kept:
+            raise ModuleNotSupportedError(
+                f"{config.delta_type}: every default position is bypassed by the model ({reason}); "
+                "give modified_modules by hand")
+        return kept
+
+    @classmethod
+    def variants(cls, structure: ModelStructure, config: DeltaConfig, paths: list[str]) -> dict[str, Any]:
         """Per-path settings that make identically shaped modules get different deltas (e.g. a
         per-module rank); live estimates group modules by fingerprint *and* variant."""
         return {}
@@ -164,7 +214,7 @@ class DeltaBase(nn.Module):
         """Declared sizes where modules state them; one pseudo-input pass for the rest."""
         sizes: dict[str, IOSizes] = {}
         for path, module in modules.items():
-            declared = declared_sizes(module)
+            declared = declared_sizes(module) or mixture_sizes(module)
             if declared is not None:
                 sizes[path] = declared
         rest = [p for p in modules if p not in sizes]
@@ -172,29 +222,36 @@ class DeltaBase(nn.Module):
             sizes.update(probe_sizes(self.backbone_model, rest))
         return sizes
 
+    def placement(self, module: nn.Module) -> tuple[torch.device, torch.dtype]:
+        """Device and dtype for the delta of ``module``: its device; float32 on a 16-bit backbone
+        unless ``delta_dtype`` says otherwise (a bfloat16 parameter cannot hold small updates:
+        0.1 + 1e-4 == 0.1 there). Routes cast inputs to it and updates back."""
+        device, dtype = module_device_dtype(module, self.backbone_model)
+        choice = self.config.delta_dtype
+        if choice == "float32" or not dtype.is_floating_point or (choice == "auto" and dtype in _LOW_PRECISION):
+            return device, torch.float32
+        return device, dtype
+
     # --- addressing ------------------------------------------------------------------------
 
     @classmethod
-    def _resolve(
-        cls, backbone: nn.Module, config: DeltaConfig, modules: dict[str, nn.Module],
-        tree: ModuleTree | None,
-    ) -> list[str]:
+    def _resolve(cls, structure: ModelStructure, config: DeltaConfig) -> list[str]:
         expressions = config.modified_modules
         if not expressions:
             if not cls.default_modified_modules:
                 raise ConfigError(f"{config.delta_type} has no default positions; give modified_modules")
-            expressions = default_positions(backbone, cls.default_modified_modules)
+            expressions = default_positions(structure, cls.default_modified_modules)
         report = resolve(
-            tree if tree is not None else backbone,
-            expand_common_names(backbone, list(expressions)),
-            expand_common_names(backbone, list(config.exclude_modules)),
+            structure.tree,
+            expand_common_names(structure, list(expressions)),
+            expand_common_names(structure, list(config.exclude_modules)),
         )
         if not report.paths:
             raise ConfigError(
                 f"exclude_modules removed every module that modified_modules selected "
                 f"({', '.join(config.exclude_modules)})"
             )
-        paths = [p for p in report.paths if not inside_delta(p, modules)]
+        paths = [p for p in report.paths if not inside_delta(p, structure.modules)]
         if not paths:
             raise ConfigError(
                 f"modified_modules {list(expressions)} select only modules of other deltas; "
@@ -213,34 +270,41 @@ class DeltaBase(nn.Module):
         return {path: modules[path] for path in self.modified_paths}
 
     def attach(self) -> DeltaBase:
-        """Insert the delta modules and hook them in; they run after deltas attached earlier."""
-        if self._attached:
-            raise DeltaStateError(f"delta {self.name!r} is already attached; detach() it first")
-        targets = self._modules_by_path()
-        taken = [p for p, m in targets.items() if self.name in m._modules]
-        if taken:
-            raise DeltaStateError(
-                f"{taken[0]!r} already has a submodule named {self.name!r} (another delta?); "
-                "give this delta another name, e.g. name='lora_task_b'"
-            )
-        for path, module in targets.items():
-            delta = self.delta_modules[_key(path)]
-            module.add_module(self.name, delta)
-            self._handles.append(self.wire(path, module, delta))
-        self._attached = True
+        """Insert the delta modules and hook them in; they run after deltas attached earlier.
+
+        The delta takes the backbone's training flag, so a delta attached to (or loaded into) a
+        model in ``eval()`` has its dropout off, as the model does.
+        """
+        with model_lock(self.backbone_model):
+            if self._attached:
+                raise DeltaStateError(f"delta {self.name!r} is already attached; detach() it first")
+            targets = self._modules_by_path()
+            taken = [p for p, m in targets.items() if self.name in m._modules]
+            if taken:
+                raise DeltaStateError(
+                    f"{taken[0]!r} already has a submodule named {self.name!r} (another delta?); "
+                    "give this delta another name, e.g. name='lora_task_b'"
+                )
+            self.train(self.backbone_model.training)
+            for path, module in targets.items():
+                delta = self.delta_modules[_key(path)]
+                module.add_module(self.name, delta)
+                self._handles.append(self.wire(path, module, delta))
+            self._attached = True
         return self
 
     def detach(self) -> DeltaBase:
         """Remove the hooks and delta modules; the backbone computes exactly as before."""
-        if not self._attached:
-            raise DeltaStateError(f"delta {self.name!r} is not attached; attach() it first")
-        self.before_detach()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module in self._modules_by_path().values():
-            del module._modules[self.name]
-        self._attached = False
+        with model_lock(self.backbone_model):
+            if not self._attached:
+                raise DeltaStateError(f"delta {self.name!r} is not attached; attach() it first")
+            self.before_detach()
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            for module in self._modules_by_path().values():
+                del module._modules[self.name]
+            self._attached = False
         return self
 
     def before_detach(self) -> None:
@@ -253,18 +317,20 @@ class DeltaBase(nn.Module):
     ) -> DeltaBase:
         """Freeze the backbone except delta modules (sentinel ``"deltas"``) and ``exclude``.
 
-        ``exclude`` entries other than ``"deltas"`` are addressing expressions (an expression
-        that matches nothing is an error). With ``set_state_dict``, the backbone's
-        ``state_dict()`` then holds only trainable tensors.
+        ``exclude`` defaults to the config's ``unfrozen_modules`` (``["deltas"]``) and is recorded
+        there: the unfrozen backbone modules are saved with the delta and restored with it.
+        Entries other than ``"deltas"`` are addressing expressions (one that matches nothing is an
+        error). With ``set_state_dict``, the backbone's ``state_dict()`` then holds only
+        trainable tensors.
         """
-        exclude = ["deltas"] if exclude is None else list(exclude)
+        exclude = list(self.config.unfrozen_modules) if exclude is None else list(exclude)
         backbone = self.backbone_model
         expressions = [e for e in exclude if e != "deltas"]
+        structure = ModelStructure(backbone)
+        unfrozen = resolve(structure.tree, expand_common_names(structure, expressions)).paths if expressions else []
         keep: set[int] = set()
-        if expressions:
-            modules = all_modules(backbone)
-            for path in resolve(backbone, expand_common_names(backbone, expressions)).paths:
-                keep.update(id(p) for p in modules[path].parameters())
+        for path in unfrozen:
+            keep.update(id(p) for p in structure.modules[path].parameters())
         if "deltas" in exclude:
             keep.update(id(p) for p in self.parameters())
             for module in backbone.modules():
@@ -274,6 +340,8 @@ class DeltaBase(nn.Module):
             parameter.requires_grad_(id(parameter) in keep)
         for parameter in self.parameters():
             parameter.requires_grad_(id(parameter) in keep)
+        self.config.unfrozen_modules = exclude
+        self.unfrozen_paths = unfrozen
         if set_state_dict:
             self.trainable_state_dict_only(backbone)
         return self
@@ -290,20 +358,37 @@ class DeltaBase(nn.Module):
 
         self._state_dict_handle = model.register_state_dict_post_hook(keep_trainable)
 
+    def _shared_ids(self) -> set[int]:
+        return {id(p) for module in self.shared_modules.values() for p in module.parameters()}
+
+    def trainable_parameters_by_module(self) -> dict[str, int]:
+        """Modified module path → trainable delta parameters there (shared ones not included:
+        see :meth:`shared_trainable_parameters`)."""
+        shared = self._shared_ids()
+        return {
+            path: sum(p.numel() for p in self.delta_modules[_key(path)].parameters()
+                      if p.requires_grad and id(p) not in shared)
+            for path in self.modified_paths
+        }
+
+    def shared_trainable_parameters(self) -> int:
+        """Trainable parameters shared by all of this delta's modules (counted once)."""
+        unique = {id(p): p for m in self.shared_modules.values() for p in m.parameters() if p.requires_grad}
+        return sum(p.numel() for p in unique.values())
+
+    def unfrozen_backbone_parameters(self) -> dict[str, nn.Parameter]:
+        """Backbone parameter name → parameter, for the trainable ones in this delta's unfrozen modules."""
+        return persistence.unfrozen_parameters(self)
+
     def num_trainable_parameters(self) -> int:
-        """Trainable parameters of this delta (exact on meta backbones too)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        """Everything that trains with this delta: its own parameters and its unfrozen backbone
+        modules' (exact on meta backbones too)."""
+        own = sum(self.trainable_parameters_by_module().values()) + self.shared_trainable_parameters()
+        return own + sum(p.numel() for p in self.unfrozen_backbone_parameters().values())
 
     def num_delta_parameters(self) -> int:
         """All parameters of this delta, trainable or not."""
         return sum(p.numel() for p in self.parameters())
-
-    def trainable_parameters_by_module(self) -> dict[str, int]:
-        """Modified module path → trainable delta parameters there."""
-        return {
-            path: sum(p.numel() for p in self.delta_modules[_key(path)].parameters() if p.requires_grad)
-            for path in self.modified_paths
-        }
 
     def log(self, console: Console | None = None) -> dict[str, Any]:
         """Print the collapsed backbone tree (deltas highlighted) and the counts; return counts."""
@@ -332,27 +417,41 @@ class DeltaBase(nn.Module):
 
     # --- checkpoints -----------------------------------------------------------------------
 
-    def delta_state(self) -> dict[str, Any]:
-        """``{modified path}.{parameter}`` → tensor, for every delta parameter."""
-        return {
+    def delta_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor of this delta by checkpoint key: ``{modified path}.{tensor}`` per module,
+        ``shared::{name}.{tensor}`` for the shared ones (once)."""
+        shared = self._shared_ids()
+        state = {
             f"{path}.{name}": tensor
             for path in self.modified_paths
-            for name, tensor in self.delta_modules[_key(path)].state_dict().items()
+            for name, tensor in self.delta_modules[_key(path)].state_dict(keep_vars=True).items()
+            if id(tensor) not in shared
         }
+        for key, module in self.shared_modules.items():
+            state.update({f"shared::{key}.{name}": t for name, t in module.state_dict(keep_vars=True).items()})
+        return state
+
+    def load_delta_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy checkpoint tensors into this (unattached) delta and its unfrozen backbone
+        modules; keys and shapes must match exactly, and nothing is changed if they do not."""
+        persistence.fill(self, tensors)
 
     def save_finetuned(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``delta.safetensors`` (delta tensors only), atomically."""
-        from engine.checkpoint import save_delta
-
-        return save_delta(self, Path(directory))
+        """Write ``config.json`` and ``delta.safetensors``: every tensor that trains with this
+        delta (its own, and its unfrozen backbone modules'). A trainable backbone tensor the
+        checkpoint would not hold is an error, never silently left out. Under torch.distributed,
+        call it on every rank: sharded tensors are gathered and rank 0 writes."""
+        return persistence.save(self, Path(directory))
 
     @classmethod
-    def from_finetuned(cls, directory: str | Path, backbone_model: nn.Module) -> DeltaBase:
-        from engine.checkpoint import load_delta
+    def from_finetuned(
+        cls, directory: str | Path, backbone_model: nn.Module, *, is_trainable: bool = False
+    ) -> DeltaBase:
+        """Rebuild a saved delta on ``backbone_model``; the backbone is untouched if anything fails.
 
-        delta = load_delta(Path(directory), backbone_model)
-        if not isinstance(delta, cls):
-            raise ConfigError(
-                f"{directory} holds a {delta.delta_type} delta, not {cls.config_class.delta_type}"
-            )
-        return delta
+        As PEFT's ``is_trainable=False``: for inference the model is put in ``eval()`` and nothing
+        requires grad. ``is_trainable=True`` freezes the backbone as it was when saved (its
+        unfrozen modules trainable) and keeps the model's mode.
+        """
+        return persistence.load(Path(directory), backbone_model, is_trainable=is_trainable,
+                                expected=None if cls is DeltaBase else cls)

@@ -18,7 +18,7 @@ from engine.config import DeltaConfig
 from engine.delta import DeltaBase
 from engine.errors import ConfigError, DeltaError
 from engine.estimate import estimate_delta, module_parameters
-from engine.structure import expand_common_names
+from engine.roles import ModelStructure, expand_common_names
 from engine.tree import ModuleTree
 
 FORMAT = "delta-design/1"
@@ -86,7 +86,16 @@ class Design:
         return cls(configs, list(unfrozen), dict(data.get("backbone") or {}), recorded)
 
     def build(self, model: nn.Module) -> AppliedDesign:
-        """Build every delta, check the recorded modules, then attach all and freeze the rest."""
+        """Build every delta, check the recorded modules, then attach all and freeze the rest.
+
+        A design that adds no delta and unfreezes nothing would train nothing — or, with nothing
+        frozen, the whole backbone — so it is refused. If anything fails, every delta this call
+        attached is detached again: the model is left as it was.
+        """
+        if not self.deltas and not self.unfrozen_modules:
+            raise ConfigError(
+                "this design has no delta and unfreezes no module, so building it would train "
+                "nothing; add a delta group (or unfreeze a module) first")
         deltas = [AutoDeltaModel.from_config(c, model, attach=False) for c in self.deltas]
         for delta, recorded in zip(deltas, self.recorded or [{}] * len(deltas)):
             expected = recorded.get("resolved_modules")
@@ -97,14 +106,25 @@ class Design:
                     f"delta {delta.name!r} resolves to other modules on this backbone than when it "
                     f"was designed: no longer matched {missing[:6]}; newly matched {extra[:6]}"
                 )
+        structure = ModelStructure(model)
         unfrozen = (
-            resolve(model, expand_common_names(model, self.unfrozen_modules)).paths
+            resolve(structure.tree, expand_common_names(structure, self.unfrozen_modules)).paths
             if self.unfrozen_modules else []
         )
-        for delta in deltas:
-            delta.attach()
-        for delta in deltas:
-            delta.freeze_module(exclude=["deltas", *self.unfrozen_modules], set_state_dict=False)
+        attached: list[DeltaBase] = []
+        try:
+            for delta in deltas:
+                attached.append(delta.attach())
+            for delta in deltas:
+                delta.freeze_module(exclude=["deltas", *self.unfrozen_modules], set_state_dict=False)
+        except BaseException:
+            for delta in reversed(attached):
+                delta.detach()
+            raise
+        if not deltas:  # only unfrozen modules train
+            keep = {id(p) for path in unfrozen for p in structure.modules[path].parameters()}
+            for parameter in model.parameters():
+                parameter.requires_grad_(id(parameter) in keep)
         return AppliedDesign(deltas, unfrozen, model)
 
     def apply(self, model: nn.Module) -> AppliedDesign:

@@ -4,58 +4,73 @@ design costs in checkpoint bytes and training memory.
 A delta module's size depends only on the module it wraps, and structurally identical modules
 (same fingerprint) get identical deltas. So :func:`estimate_delta` plans the targets, builds the
 delta for one module per fingerprint (on whatever device the backbone is — meta costs nothing)
-and multiplies: on a 126-layer model that is 2 small modules instead of 252.
+and multiplies: on a 126-layer model that is 2 small modules instead of 252. Parts shared by all
+of a delta's modules (Compacter's rules, prefix tuning's MLP) are sized for every target and
+counted once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
 
 from engine.config import DeltaConfig
 from engine.errors import ConfigError
-from engine.methods import method_for
-from engine.tree import ModuleTree, all_modules
+from engine.registry import method_for
+from engine.roles import ModelStructure
+from engine.tree import ModuleTree
 
 #: Bytes per backbone parameter for the memory estimate's dtype choice.
-DTYPE_BYTES: dict[str, float] = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+DTYPE_BYTES = MappingProxyType({"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5})
 #: Trainable parameters are kept in float32: weight, gradient, and AdamW's two moments.
 TRAINABLE_BYTES = 4 + 4 + 8
-CHECKPOINT_BYTES_PER_PARAMETER = 4  # delta.safetensors stores float32
+CHECKPOINT_BYTES_PER_PARAMETER = 4  # float32 deltas (the default on every backbone dtype)
 
 
 @dataclass(frozen=True)
 class DeltaEstimate:
-    """Targets of a planned delta and its exact trainable parameters per target."""
+    """Targets of a planned delta, its exact trainable parameters per target and shared by all,
+    and the bytes its checkpoint tensors take (in the dtype the delta is really built in)."""
 
     paths: list[str]
     by_module: dict[str, int]
+    shared: int = 0
+    checkpoint_bytes: int = 0
 
     @property
     def total(self) -> int:
-        return sum(self.by_module.values())
+        return sum(self.by_module.values()) + self.shared
+
+
+def _bytes(module: nn.Module, skip: set[int]) -> int:
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers()) if id(t) not in skip}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def estimate_delta(model: nn.Module, config: DeltaConfig, tree: ModuleTree | None = None) -> DeltaEstimate:
     """Plan ``config`` on ``model`` and count its trainable parameters exactly, nothing attached."""
-    tree = tree if tree is not None else ModuleTree.from_model(model)
+    structure = ModelStructure(model, tree)
     method = method_for(config.delta_type)
-    modules = all_modules(model)
-    targets = method.plan(model, config, modules=modules, tree=tree)
-    variants = method.variants(model, config, targets)
+    targets = method.plan(model, config, structure=structure)
+    variants = method.variants(structure, config, targets)
 
     def kind(path: str) -> tuple[int, Any]:
-        return tree.node(path).fingerprint, variants.get(path)
+        return structure.tree.node(path).fingerprint, variants.get(path)
 
     representative: dict[tuple[int, Any], str] = {}
     for path in targets:
         representative.setdefault(kind(path), path)
-    delta = method(model, config=config, attach=False, paths=list(representative.values()))
+    delta = method(model, config=config, attach=False, paths=list(representative.values()), planned=targets)
     counts = delta.trainable_parameters_by_module()
+    shared_ids = {id(t) for m in delta.shared_modules.values() for t in (*m.parameters(), *m.buffers())}
+    sizes = {p: _bytes(delta.delta_modules[p.replace(".", "/")], shared_ids) for p in representative.values()}
+    shared_bytes = sum(_bytes(m, set()) for m in delta.shared_modules.values())
     by_module = {p: counts[representative[kind(p)]] for p in targets}
-    return DeltaEstimate(targets, by_module)
+    checkpoint = sum(sizes[representative[kind(p)]] for p in targets) + shared_bytes
+    return DeltaEstimate(targets, by_module, delta.shared_trainable_parameters(), checkpoint)
 
 
 def module_parameters(tree: ModuleTree, paths: list[str]) -> int:
@@ -65,9 +80,10 @@ def module_parameters(tree: ModuleTree, paths: list[str]) -> int:
     return sum(tree.node(p).total_parameters for p in roots)
 
 
-def checkpoint_bytes(trainable: int) -> int:
-    """Size of ``delta.safetensors`` without its small JSON header."""
-    return trainable * CHECKPOINT_BYTES_PER_PARAMETER
+def checkpoint_bytes(trainable: int, bytes_per_parameter: float = CHECKPOINT_BYTES_PER_PARAMETER) -> int:
+    """Size of ``delta.safetensors`` without its small JSON header (use
+    :attr:`DeltaEstimate.checkpoint_bytes` for a planned delta: it knows the real dtypes)."""
+    return int(trainable * bytes_per_parameter)
 
 
 def training_memory(backbone_parameters: int, trainable: int, dtype: str) -> dict[str, Any]:

@@ -104,6 +104,29 @@ def _with_main_output(output: Any, new: torch.Tensor) -> Any:
     return output
 
 
+def compute_dtype(delta: Any) -> torch.dtype | None:
+    """The dtype a delta module computes in: that of its first floating parameter (breadth first;
+    this runs on every call, so it reads the module dicts directly)."""
+    queue = [delta] if isinstance(delta, nn.Module) else []
+    while queue:
+        module = queue.pop(0)
+        for parameter in module._parameters.values():
+            if parameter is not None and parameter.is_floating_point():
+                return parameter.dtype
+        queue.extend(m for m in module._modules.values() if m is not None)
+    return None
+
+
+def run_delta(delta: DeltaFunction, hidden: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """``delta(hidden)`` computed in the delta's own dtype, returned in ``like``'s dtype: a float32
+    delta on a bfloat16 backbone reads bfloat16 activations and gives a bfloat16 update."""
+    dtype = compute_dtype(delta)
+    if dtype is None or (dtype == hidden.dtype and dtype == like.dtype):
+        return delta(hidden)
+    update = delta(hidden.to(dtype) if hidden.is_floating_point() else hidden)
+    return None if update is None else update.to(like.dtype)
+
+
 def _added(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return base if delta is None else base + delta
 
@@ -141,24 +164,25 @@ def attach_route(
             hidden = first_tensor(args, kwargs)
             if hidden is None:
                 raise DeltaError(f"route 'before' found no tensor input to {type(mod).__name__}")
-            return _replace_input(args, kwargs, combine(hidden, delta(hidden)))
+            return _replace_input(args, kwargs, combine(hidden, run_delta(delta, hidden, hidden)))
 
         handle.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
     elif route is Route.AFTER:
 
         def after(mod: nn.Module, args: tuple, output: Any) -> Any:
             hidden = main_output(output)
-            return _with_main_output(output, combine(hidden, delta(hidden)))
+            return _with_main_output(output, combine(hidden, run_delta(delta, hidden, hidden)))
 
         handle.handles.append(module.register_forward_hook(after))
     elif route is Route.PARALLEL:
 
         def parallel(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            update = delta(first_tensor(args, kwargs))
+            target = main_output(output)
+            update = run_delta(delta, first_tensor(args, kwargs), target)
             if in_place and mode == "add" and update is not None:
-                main_output(output).add_(update)
+                target.add_(update)
                 return output
-            return _with_main_output(output, combine(main_output(output), update))
+            return _with_main_output(output, combine(target, update))
 
         handle.handles.append(module.register_forward_hook(parallel, with_kwargs=True))
     else:
@@ -173,7 +197,8 @@ def attach_route(
             if not saved:
                 raise DeltaError("route 'parallel_pair': module B ran before module A")
             hidden = saved.pop()
-            target, update = main_output(output), delta(hidden)
+            target = main_output(output)
+            update = run_delta(delta, hidden, target)
             if update is not None and update.shape != target.shape and update.numel() == target.numel():
                 update = update.reshape(target.shape)  # B sees the tokens flattened (OPT's FFN)
             return _with_main_output(output, combine(target, update))

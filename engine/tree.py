@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from engine._gc import gc_paused
 
 GROUP_WILDCARD = "*"
 
@@ -170,8 +169,7 @@ class ModuleTree:
             node.fingerprint = interner.setdefault(key, len(interner))
             return node
 
-        with gc_paused():
-            root = build(model, "", "", False)
+        root = build(model, "", "", False)
         return cls(root, paths)
 
     # --- lookups ---------------------------------------------------------------------------

@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from engine.addressing import compile_selection
-from engine.checkpoint import atomic_write_bytes, atomic_write_safetensors, fill_delta, read_safetensors
+from engine.checkpoint import atomic_write_bytes, atomic_write_safetensors, read_safetensors
 from engine.delta import DeltaBase
 from engine.errors import CheckpointError, ConfigError
-from engine.kinds import is_fused_experts
+from engine.persistence import set_trainable
+from engine.roles import ModelStructure
+from engine.roles.kinds import is_fused_experts
 from engine.tree import ModuleTree, all_modules
 
 CONFIG_FILE = "adapter_config.json"
@@ -82,7 +84,7 @@ def _lora_config(delta: DeltaBase, base: str | None, modules_to_save: list[str] 
             f"LoRA factors on fused expert parameters are not exported to PEFT ({experts[0]!r}): PEFT's "
             "target_parameters keeps other tensor names and layouts; save it with save_finetuned")
     config: Any = delta.config
-    settings = delta.variants(delta.backbone_model, config, delta.modified_paths)
+    settings = delta.variants(ModelStructure(delta.backbone_model), config, delta.modified_paths)
     rank_pattern = {re.escape(p): r for p, (r, _) in settings.items() if r != config.lora_r}
     alpha_pattern = {re.escape(p): a for p, (_, a) in settings.items() if a != config.lora_alpha}
     return {
@@ -158,8 +160,12 @@ def _refuse(config: dict[str, Any], **allowed: Any) -> None:
                               f"supported: {', '.join(map(repr, fine))}")
 
 
-def import_peft(directory: str | Path, backbone_model: nn.Module) -> DeltaBase:
-    """Load a PEFT adapter directory as a delta on ``backbone_model`` (same outputs as PEFT)."""
+def import_peft(directory: str | Path, backbone_model: nn.Module, *, is_trainable: bool = False) -> DeltaBase:
+    """Load a PEFT adapter directory as a delta on ``backbone_model`` (same outputs as PEFT).
+
+    As PEFT's ``is_trainable=False``: for inference the model is put in ``eval()`` and nothing
+    requires grad; ``is_trainable=True`` freezes the backbone and leaves the delta trainable.
+    """
     from engine.auto import AutoDeltaModel
 
     directory = Path(directory)
@@ -203,5 +209,7 @@ def import_peft(directory: str | Path, backbone_model: nn.Module) -> DeltaBase:
     delta = AutoDeltaModel.from_config(delta_config, backbone_model, attach=False)
     if kind == "PROMPT_TUNING":
         tensors = {f"{delta.modified_paths[0]}.soft_embeds": tensors["prompt_embeddings"]}
-    fill_delta(delta, tensors)
-    return delta.attach()
+    delta.load_delta_state(tensors)
+    delta.attach()
+    set_trainable(delta, is_trainable)
+    return delta

@@ -10,11 +10,11 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from engine.config import DeltaConfig, one_of, positive_int
-from engine.building import DeltaModule, new_linear, zero_init
+from engine.layers import DeltaModule, new_linear, zero_init
 from engine.delta import DeltaBase
-from engine.methods import register
-from engine.kinds import is_channels_first
-from engine.sizing import IOSizes, module_device_dtype
+from engine.registry import register
+from engine.roles.kinds import is_channels_first
+from engine.roles.kinds import IOSizes
 
 ACTIVATIONS = tuple(sorted(ACT2FN))
 
@@ -81,7 +81,7 @@ class AdapterModel(DeltaBase):
     default_modified_modules: ClassVar[list[str]] = ["attn.o", "ff.w2"]
 
     def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> AdapterLayer:
-        device, dtype = module_device_dtype(module, self.backbone_model)
+        device, dtype = self.placement(module)
         in_dim, out_dim = route_dims(self.config.route, sizes)
         return AdapterLayer.linear(in_dim, self.config.bottleneck_dim, out_dim,  # type: ignore[attr-defined]
                                    self.config.non_linearity, device, dtype).along_features_of(module)  # type: ignore[attr-defined]

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from engine.config import DeltaConfig
-from engine.building import DeltaModule, descend_to
+from engine.layers import DeltaModule
+from engine.targets import descend_to
 from engine.delta import DeltaBase
-from engine.methods import register
-from engine.kinds import is_channels_first, is_fused_experts
-from engine.sizing import IOSizes, declared_sizes, module_device_dtype
+from engine.registry import register
+from engine.roles.kinds import is_channels_first, is_fused_experts
+from engine.roles.kinds import IOSizes, declared_sizes
 
 
 @dataclass
@@ -58,5 +59,5 @@ class BitFitModel(DeltaBase):
                           "Linear, Conv1D, convolution, norm or fused-expert layers that can take a bias")
 
     def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> BiasLayer:
-        device, dtype = module_device_dtype(module, self.backbone_model)
+        device, dtype = self.placement(module)
         return BiasLayer(sizes.output_dim, is_channels_first(module), device, dtype)

@@ -11,12 +11,11 @@ from torch import nn
 
 from engine.addressing import resolve
 from engine.config import DeltaConfig
-from engine.building import DeltaModule
+from engine.layers import DeltaModule
 from engine.delta import DeltaBase
-from engine.methods import register
+from engine.registry import register
 from engine.routing import RouteHandle, attach_route
-from engine.sizing import module_device_dtype
-from engine.structure import available_roles, expand_common_names
+from engine.roles import ModelStructure, available_roles, expand_common_names
 
 
 @dataclass
@@ -49,26 +48,26 @@ class IA3Model(DeltaBase):
     supported_modules: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
 
     @classmethod
-    def feedforward_paths(cls, model: nn.Module, config: IA3Config) -> set[str]:
+    def feedforward_paths(cls, structure: ModelStructure, config: IA3Config) -> set[str]:
         """Modules whose input is scaled (the feed-forward down-projections)."""
         expressions = config.feedforward_modules
         if expressions is None:
-            if "ff.w2" not in available_roles(model):
+            if "ff.w2" not in available_roles(structure):
                 return set()
             expressions = ["ff.w2"]
-        return set(resolve(model, expand_common_names(model, list(expressions))).paths)
+        return set(resolve(structure.tree, expand_common_names(structure, list(expressions))).paths)
 
     @classmethod
-    def variants(cls, backbone_model: nn.Module, config: DeltaConfig, paths: list[str]) -> dict[str, Any]:
-        feedforward = cls.feedforward_paths(backbone_model, config)  # type: ignore[arg-type]
+    def variants(cls, structure: ModelStructure, config: DeltaConfig, paths: list[str]) -> dict[str, Any]:
+        feedforward = cls.feedforward_paths(structure, config)  # type: ignore[arg-type]
         return {p: p in feedforward for p in paths}
 
     def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
-        feedforward = self.feedforward_paths(self.backbone_model, self.config)  # type: ignore[arg-type]
+        feedforward = self.feedforward_paths(ModelStructure(self.backbone_model), self.config)  # type: ignore[arg-type]
         sizes = self.module_sizes(modules)
         result: dict[str, DeltaModule] = {}
         for path, module in modules.items():
-            device, dtype = module_device_dtype(module, self.backbone_model)
+            device, dtype = self.placement(module)
             on_input = path in feedforward
             size = sizes[path].input_dim if on_input else sizes[path].output_dim
             result[path] = IA3Vector(size, on_input, device, dtype)

@@ -9,19 +9,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import logging
+
 from torch import nn
 
 from engine.addressing import resolve
 from engine.config import DeltaConfig, positive_int, positive_number, probability
-from engine.building import DeltaModule
 from engine.delta import DeltaBase, _key
 from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
-from engine.methods import register
-from engine.methods.lora_layers import LoraConv, LoraEmbedding, LoraExperts, LoraLayer
+from engine.layers import DeltaModule
+from engine.methods.lora_layers import LoraConv, LoraEmbedding, LoraExperts, LoraLayer, shared_with
+from engine.registry import register
+from engine.roles import ModelStructure, expand_common_names
+from engine.roles.kinds import is_fused_experts
 from engine.routing import RouteHandle, attach_route
-from engine.kinds import is_fused_experts
-from engine.sizing import module_device_dtype
-from engine.structure import expand_common_names
+from engine.locking import model_lock
+from engine.tree import all_modules
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,19 +72,30 @@ class LoraModel(DeltaBase):
 
     @classmethod
     def check_module(cls, path: str, module: nn.Module) -> None:
-        if not is_fused_experts(module):  # fused experts: their 3-D parameters take per-expert factors
-            super().check_module(path, module)
+        if is_fused_experts(module):  # fused experts: their 3-D parameters take per-expert factors
+            return
+        super().check_module(path, module)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+            raise ModuleNotSupportedError(
+                f"lora cannot wrap {path!r}, a grouped convolution (groups={module.groups}): a low-rank "
+                "update mixes channels across groups, so it could never be merged into the grouped "
+                "weight and would not be the LoRA of that layer; choose ungrouped convolutions, or "
+                "another method (adapter, bitfit) for this one")
 
     @classmethod
-    def variants(cls, backbone_model: nn.Module, config: DeltaConfig, paths: list[str]) -> dict[str, Any]:
+    def variants(cls, structure: ModelStructure, config: DeltaConfig, paths: list[str]) -> dict[str, Any]:
         """Each path's (rank, alpha): the first pattern expression matching it, else the default.
-        A pattern expression that matches no module at all is an error, as everywhere."""
+        A pattern expression that matches no module at all is an error, as everywhere. Every
+        pattern is resolved against one index of the model, so the cost grows with the number of
+        matches, not patterns × modules."""
+        wanted = set(paths)
 
         def per_path(pattern: dict[str, Any], default: Any) -> dict[str, Any]:
             chosen: dict[str, Any] = {}
             for expression, value in pattern.items():
-                for path in resolve(backbone_model, expand_common_names(backbone_model, [expression])).paths:
-                    chosen.setdefault(path, value)
+                for path in resolve(structure.tree, expand_common_names(structure, [expression])).paths:
+                    if path in wanted:
+                        chosen.setdefault(path, value)
             return {p: chosen.get(p, default) for p in paths}
 
         ranks = per_path(config.rank_pattern, config.lora_r)  # type: ignore[attr-defined]
@@ -88,7 +104,7 @@ class LoraModel(DeltaBase):
 
     def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
         config: LoraConfig = self.config  # type: ignore[assignment]
-        settings = self.variants(self.backbone_model, config, list(modules))
+        settings = self.variants(ModelStructure(self.backbone_model), config, list(modules))
         linear = {p: m for p, m in modules.items() if not isinstance(m, (nn.Embedding, nn.Conv1d, nn.Conv2d))
                   and not is_fused_experts(m)}
         if config.use_dora:
@@ -105,7 +121,7 @@ class LoraModel(DeltaBase):
         sizes = self.module_sizes(linear)
         result: dict[str, DeltaModule] = {}
         for path, module in modules.items():
-            device, dtype = module_device_dtype(module, self.backbone_model)
+            device, dtype = self.placement(module)
             rank, alpha = settings[path]
             scaling = config.scaling(rank, alpha)
             if isinstance(module, nn.Embedding):
@@ -118,7 +134,6 @@ class LoraModel(DeltaBase):
                 result[path] = LoraLayer(module, sizes[path].input_dim, sizes[path].output_dim, rank,
                                          scaling, config.lora_dropout, config.use_dora, device, dtype)
         return result
-
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         if isinstance(delta, LoraExperts):
@@ -135,26 +150,49 @@ class LoraModel(DeltaBase):
     def _layers(self) -> list[Any]:
         return [self.delta_modules[_key(p)] for p in self.modified_paths]
 
-    def merge(self) -> LoraModel:
-        """Fold the update into each wrapped weight and unhook: inference runs the plain backbone."""
-        if not self.is_attached:
-            raise DeltaStateError("attach() the delta before merging it")
-        if self.is_merged:
-            raise DeltaStateError("this LoRA delta is already merged; unmerge() it first")
-        for (path, module), layer in zip(self._modules_by_path().items(), self._layers()):
-            layer.merge(module)
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def merge(self, untie: bool = False) -> LoraModel:
+        """Fold the update into each wrapped weight and unhook: inference runs the plain backbone.
+
+        A weight shared with another module (GPT-2's ``lm_head`` is its input embedding) is
+        refused: merging would change the other module too. ``untie=True`` first gives each such
+        module its own copy of the weight (logged); unmerging does not tie them again.
+        """
+        with model_lock(self.backbone_model):
+            if not self.is_attached:
+                raise DeltaStateError("attach() the delta before merging it")
+            if self.is_merged:
+                raise DeltaStateError("this LoRA delta is already merged; unmerge() it first")
+            modules = self._modules_by_path()
+            every = all_modules(self.backbone_model)
+            for (path, module), layer in zip(modules.items(), self._layers()):
+                for name in layer.merged_parameters(module):
+                    others = shared_with(every, module, name)
+                    if others and not untie:
+                        raise DeltaStateError(
+                            f"cannot merge into {path}.{name}: that tensor is shared with "
+                            f"{', '.join(others[:3])} (tied weights), which merging would change too. "
+                            "Keep the delta unmerged (its output is exact), or merge(untie=True) to give "
+                            f"{path!r} its own copy of the weight first")
+                    if others:
+                        original = getattr(module, name)
+                        setattr(module, name, nn.Parameter(original.detach().clone(),
+                                                           requires_grad=original.requires_grad))
+                        logger.info("untied %s.%s from %s before merging", path, name, ", ".join(others))
+            for (path, module), layer in zip(modules.items(), self._layers()):
+                layer.merge(module)
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
         return self
 
     def unmerge(self) -> LoraModel:
         """Take the update out again (weights restored up to float rounding) and re-hook."""
-        if not self.is_merged:
-            raise DeltaStateError("this LoRA delta is not merged")
-        for (path, module), layer in zip(self._modules_by_path().items(), self._layers()):
-            layer.unmerge(module)
-            self._handles.append(self.wire(path, module, layer))
+        with model_lock(self.backbone_model):
+            if not self.is_merged:
+                raise DeltaStateError("this LoRA delta is not merged")
+            for (path, module), layer in zip(self._modules_by_path().items(), self._layers()):
+                layer.unmerge(module)
+                self._handles.append(self.wire(path, module, layer))
         return self
 
     def before_detach(self) -> None:

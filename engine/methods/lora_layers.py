@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.building import DeltaModule, new_linear, zero_init
-from engine.kinds import fused_expert_parameters
-from engine.routing import first_tensor
+from engine.layers import DeltaModule, new_linear, zero_init
+from engine.roles.kinds import fused_expert_parameters
+from engine.routing import first_tensor, run_delta
 
 
 class LoraLayer(DeltaModule):
@@ -37,7 +37,7 @@ class LoraLayer(DeltaModule):
         self.scaling = scaling
         self.merged = False
         if dora:
-            norm = self._base(module).detach().norm(dim=1).to(dtype)
+            norm = self._base(module).detach().to(dtype).norm(dim=1)
             self.lora_magnitude_vector = nn.Parameter(norm.clone())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -49,6 +49,10 @@ class LoraLayer(DeltaModule):
     @property
     def dora(self) -> bool:
         return hasattr(self, "lora_magnitude_vector")
+
+    def merged_parameters(self, module: nn.Module) -> list[str]:
+        """The wrapped module's parameters that merging changes."""
+        return ["weight"]
 
     def _base(self, module: nn.Module) -> torch.Tensor:
         """The wrapped weight as (out, in)."""
@@ -62,15 +66,16 @@ class LoraLayer(DeltaModule):
         """magnitude / ‖W + ΔW‖ per output feature. As in DoRA, the norm is a constant for
         autograd, so it is computed without recording a graph for the (out × in) update."""
         with torch.no_grad():
-            norm = (self._base(module) + self.update()).norm(dim=1)
+            update = self.update()
+            norm = (self._base(module).to(update.dtype) + update).norm(dim=1)
         return self.lora_magnitude_vector / norm
 
     def dora_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: torch.Tensor) -> Any:
         """scale ⊙ (W x + ΔW x) + b, written so that scale = 1 returns ``output`` exactly."""
         if self.merged:
             return output
-        lora = self(first_tensor(args, kwargs))
-        scale = self.dora_scale(module)
+        lora = run_delta(self, first_tensor(args, kwargs), output)
+        scale = self.dora_scale(module).to(output.dtype)
         base = output - module.bias if module.bias is not None else output
         # two fused passes over the output: output + (scale - 1)·base, then + scale·lora in place
         return torch.addcmul(output, base, scale - 1).addcmul_(lora, scale)
@@ -105,6 +110,9 @@ class AdditiveMerge:
     def update(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def merged_parameters(self, module: nn.Module) -> list[str]:
+        return ["weight"]
+
     def merge(self, module: nn.Module) -> None:
         with torch.no_grad():
             module.weight.add_(self.update().to(module.weight.dtype))
@@ -117,15 +125,19 @@ class AdditiveMerge:
 
 
 class LoraEmbedding(AdditiveMerge, DeltaModule):
-    """out += (one_hot(ids) · Aᵀ) · Bᵀ · scaling, with A (r × vocab) and B (width × r)."""
+    """out += (one_hot(ids) · Aᵀ) · Bᵀ · scaling, with A (r × vocab) and B (width × r).
+
+    As in loralib and PEFT, A starts at zero and B is normal: the padding row of Aᵀ gets no
+    gradient (``padding_idx``), so the padding token's embedding never changes.
+    """
 
     def __init__(self, module: nn.Embedding, rank: int, scaling: float,
                  device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        self.lora_embedding_A = nn.Parameter(torch.empty(rank, module.num_embeddings, device=device, dtype=dtype))
-        self.lora_embedding_B = nn.Parameter(torch.zeros(module.embedding_dim, rank, device=device, dtype=dtype))
-        if not self.lora_embedding_A.is_meta:
-            nn.init.normal_(self.lora_embedding_A)
+        self.lora_embedding_A = nn.Parameter(torch.zeros(rank, module.num_embeddings, device=device, dtype=dtype))
+        self.lora_embedding_B = nn.Parameter(torch.empty(module.embedding_dim, rank, device=device, dtype=dtype))
+        if not self.lora_embedding_B.is_meta:
+            nn.init.normal_(self.lora_embedding_B)
         self.padding_idx = module.padding_idx
         self.scaling = scaling
         self.merged = False
@@ -142,15 +154,18 @@ class LoraEmbedding(AdditiveMerge, DeltaModule):
 
 
 class LoraConv(AdditiveMerge, DeltaModule):
-    """A: a convolution (in → r) with the layer's kernel/stride/padding; B: a 1-wide one (r → out),
-    zeros. For nn.Conv1d and nn.Conv2d (subclasses included: A and B are plain convolutions)."""
+    """A: a convolution (in → r) with the layer's kernel, stride, padding, dilation and padding
+    mode (circular, reflect, …: the same padded input, so merging stays exact); B: a 1-wide one
+    (r → out), zeros. For ungrouped nn.Conv1d and nn.Conv2d (subclasses included: A and B are plain
+    convolutions); grouped ones are refused by LoraModel.check_module."""
 
     def __init__(self, module: nn.Conv1d | nn.Conv2d, rank: int, scaling: float, dropout: float,
                  device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         conv = nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
         self.lora_A = conv(module.in_channels, rank, module.kernel_size, module.stride,
-                           module.padding, module.dilation, bias=False, device=device, dtype=dtype)
+                           module.padding, module.dilation, bias=False, padding_mode=module.padding_mode,
+                           device=device, dtype=dtype)
         self.lora_B = conv(rank, module.out_channels, 1, bias=False, device=device, dtype=dtype)
         if not self.lora_B.weight.is_meta:
             nn.init.zeros_(self.lora_B.weight)
@@ -171,9 +186,12 @@ class LoraExperts(DeltaModule):
     """Per-expert low-rank factors on each fused 3-D parameter (as PEFT's ``target_parameters``):
     W[e] + B[e]·A[e]·scaling, with A (experts × r × columns, Kaiming) and B (experts × rows × r, zeros).
 
-    The experts' forward reads its parameters by name, so for the duration of each call the
-    updated weights stand in for them (``pre_hook``), and the originals are put back afterwards —
-    also when the call raises. Works with every experts implementation (eager, grouped_mm, …).
+    The experts' forward reads its parameters by name, so a forward hook runs that forward again
+    on a per-call *view* of the module whose parameters are the updated weights — nothing on the
+    module itself is swapped, so concurrent calls and detaching in any order are safe. Several
+    LoRA deltas on one experts module are summed in one recomputation (the hook runs first,
+    before other deltas' hooks on that module). The backbone's own pass is discarded, so an
+    unmerged expert LoRA costs the experts twice; merge it for inference.
     """
 
     def __init__(self, module: nn.Module, rank: int, scaling: float,
@@ -192,28 +210,27 @@ class LoraExperts(DeltaModule):
             self.lora_B[name] = nn.Parameter(torch.zeros(experts, rows, rank, device=device, dtype=dtype))
         self.scaling = scaling
         self.merged = False
-        self._originals: dict[str, nn.Parameter] = {}
+
+    def merged_parameters(self, module: nn.Module) -> list[str]:
+        return list(self.names)
 
     def update(self, name: str) -> torch.Tensor:
         """B·A·scaling for every expert, shaped like the parameter."""
         return torch.bmm(self.lora_B[name], self.lora_A[name]) * self.scaling
 
-    def pre_hook(self, module: nn.Module, args: tuple) -> None:
-        if self.merged:
-            return
+    def recompute(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        active = [child for child in module._modules.values()
+                  if isinstance(child, LoraExperts) and not child.merged]
+        if not active or active[-1] is not self:
+            return output  # the last attached one (its hook runs first) computes for all of them
+        weights = {}
         for name in self.names:
-            original = module._parameters[name]
-            self._originals[name] = original  # type: ignore[assignment]
-            module._parameters[name] = original + self.update(name).to(original.dtype)  # type: ignore[assignment]
-
-    def restore(self, module: nn.Module, args: tuple, output: Any) -> None:
-        for name, original in self._originals.items():
-            module._parameters[name] = original
-        self._originals.clear()
+            base = module._parameters[name]
+            weights[name] = base + sum(delta.update(name) for delta in active).to(base.dtype)
+        return type(module).forward(_with_parameters(module, weights), *args, **kwargs)
 
     def hooks(self, module: nn.Module) -> list[Any]:
-        return [module.register_forward_pre_hook(self.pre_hook),
-                module.register_forward_hook(self.restore, always_call=True)]
+        return [module.register_forward_hook(self.recompute, with_kwargs=True, prepend=True)]
 
     def merge(self, module: nn.Module) -> None:
         self._fold(module, 1)
@@ -228,3 +245,29 @@ class LoraExperts(DeltaModule):
             for name in self.names:
                 weight = getattr(module, name)
                 weight.add_(self.update(name).to(weight.dtype), alpha=sign)
+
+
+def _with_parameters(module: nn.Module, replaced: dict[str, torch.Tensor]) -> nn.Module:
+    """A shallow per-call view of ``module`` whose named parameters read ``replaced``; the module
+    itself is untouched."""
+    view = object.__new__(type(module))
+    view.__dict__.update(module.__dict__)
+    view.__dict__["_parameters"] = {**module._parameters, **replaced}
+    return view
+
+
+def shared_with(modules: dict[str, nn.Module], module: nn.Module, name: str) -> list[str]:
+    """Other modules' parameters that are the same tensor as ``module.<name>`` (or share its
+    storage): ``path.parameter`` of each."""
+    tensor = getattr(module, name)
+    storage = None if tensor.is_meta else tensor.untyped_storage().data_ptr()
+    found = []
+    for path, other in modules.items():
+        if other is module:
+            continue
+        for other_name, parameter in other.named_parameters(recurse=False):
+            same = parameter is tensor or (
+                storage is not None and not parameter.is_meta and parameter.untyped_storage().data_ptr() == storage)
+            if same:
+                found.append(f"{path}.{other_name}" if path else other_name)
+    return found

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from engine.config import DeltaConfig, one_of, positive_int
-from engine.building import DeltaModule
+from engine.layers import DeltaModule
 from engine.delta import DeltaBase
-from engine.methods import register
+from engine.registry import register
 from engine.methods.adapter import ACTIVATIONS, AdapterLayer, route_dims
-from engine.sizing import IOSizes, module_device_dtype
+from engine.roles.kinds import IOSizes
 
 
 @dataclass
@@ -65,7 +65,7 @@ class LowRankAdapterModel(DeltaBase):
     default_modified_modules: ClassVar[list[str]] = ["attn.o", "ff.w2"]
 
     def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
-        device, dtype = module_device_dtype(module, self.backbone_model)
+        device, dtype = self.placement(module)
         config = self.config
         in_dim, out_dim = route_dims(config.route, sizes)
         middle = bottleneck(in_dim, config.reduction_factor)  # type: ignore[attr-defined]

@@ -14,15 +14,16 @@ from torch import nn
 
 from engine.addressing import resolve
 from engine.config import DeltaConfig, one_of, positive_int
-from engine.building import DeltaModule
+from engine.layers import DeltaModule
 from engine.delta import DeltaBase
 from engine.errors import ConfigError
-from engine.methods import register
+from engine.registry import register
 from engine.methods.adapter import ACTIVATIONS, AdapterLayer
 from engine.routing import RouteHandle, attach_route
-from engine.sizing import declared_sizes, module_device_dtype, probe_sizes
-from engine.structure import expand_common_names
-from engine.tree import ModuleTree, all_modules
+from engine.roles.kinds import declared_sizes
+from engine.sizing import probe_sizes
+from engine.roles import ModelStructure, expand_common_names
+from engine.tree import all_modules
 
 
 @dataclass
@@ -47,26 +48,27 @@ class ParallelAdapterModel(DeltaBase):
     default_modified_modules: ClassVar[list[str]] = ["ff"]
 
     @classmethod
-    def _resolve(cls, backbone: nn.Module, config: DeltaConfig, modules: dict[str, nn.Module],
-                 tree: ModuleTree | None) -> list[str]:
+    def _resolve(cls, structure: ModelStructure, config: DeltaConfig) -> list[str]:
         """parallel_pair reads attention inputs by default (the FFN is the default for parallel)."""
         if config.route == "parallel_pair" and config.modified_modules is None:
             config = type(config).from_dict({**config.to_dict(), "modified_modules": ["attn"]})
-        return super()._resolve(backbone, config, modules, tree)
+        return super()._resolve(structure, config)
 
     def pairs(self) -> dict[str, str]:
         """Module A (input side) → module B (output side), layer by layer."""
         if self.config.route != "parallel_pair":
             return {}
         model = self.backbone_model
-        inputs = self.plan(model, self.config)  # all of them, also when building a few (estimates)
-        partners = resolve(model, expand_common_names(model, list(self.config.pair_modules or ["ff.w2"]))).paths
+        structure = ModelStructure(model)
+        inputs = self.planned_paths  # all of them, also when building a few (estimates)
+        partners = resolve(structure.tree, expand_common_names(
+            structure, list(self.config.pair_modules or ["ff.w2"]))).paths
         if len(partners) != len(inputs):
             raise ConfigError(
                 f"parallel_pair needs one output module per input module: {len(inputs)} "
                 f"inputs ({inputs[0]} …) but {len(partners)} pair_modules"
             )
-        order = {p: i for i, p in enumerate(all_modules(model))}
+        order = structure.tree.order()
         for a, b in zip(inputs, partners):
             if order[b] < order[a] and not b.startswith(a + "."):
                 raise ConfigError(f"parallel_pair: {b!r} comes before {a!r}; B must run after A")
@@ -83,7 +85,7 @@ class ParallelAdapterModel(DeltaBase):
             partner_sizes.update(probe_sizes(self.backbone_model, missing))
         result: dict[str, DeltaModule] = {}
         for path, module in modules.items():
-            device, dtype = module_device_dtype(module, self.backbone_model)
+            device, dtype = self.placement(module)
             out_dim = partner_sizes[self.pair_paths[path]].output_dim if self.pair_paths else sizes[path].output_dim
             result[path] = AdapterLayer.linear(sizes[path].input_dim, self.config.bottleneck_dim, out_dim,
                                                self.config.non_linearity, device, dtype).along_features_of(module)

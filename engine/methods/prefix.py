@@ -5,34 +5,40 @@ self.config._attn_implementation, …)`` with their query/key/value states (afte
 embeddings and cache updates). A prefixed module gets a config *view* naming one registered
 attention function, ``delta_prefix``, which prepends the prefix keys/values, widens the mask (and
 T5's position bias) to cover them, and calls the module's original implementation. Positions,
-caches and ``generate()`` are untouched; detaching restores the module's own config object.
+caches and ``generate()`` are untouched; detaching restores the module's own config object. The
+view carries the module's prefixes, so no table outside the model is needed.
+
+With ``reparameterize`` (Li & Liang; OpenDelta's ``ReparameterizeFunction``, PEFT's
+``prefix_projection``) one MLP shared by all prefixed layers produces every layer's keys and
+values from ``prefix_token_num`` embeddings; after training, :meth:`PrefixModel.fold` replaces it
+by the plain prefixes it computes.
 """
 
 from __future__ import annotations
 
 import sys
-import weakref
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from engine.config import DeltaConfig, positive_int
-from engine.building import DeltaModule, descend_to, new_linear
-from engine.delta import DeltaBase
-from engine.errors import DeltaError
-from engine.methods import register
-from engine.kinds import calls_attention_interface
+from engine.delta import DeltaBase, _key
+from engine.errors import DeltaError, DeltaStateError
+from engine.layers import DeltaModule, new_linear
+from engine.locking import model_lock
+from engine.probe import ProbeComplete, run_pseudo_passes
+from engine.registry import register
+from engine.roles.kinds import calls_attention_interface
 from engine.routing import RouteHandle
-from engine.sizing import (
-    ProbeComplete,
-    module_device_dtype,
-    representatives,
-    run_pseudo_passes,
-)
+from engine.sizing import representatives
+from engine.targets import descend_to
+from engine.tree import all_modules
 
 IMPLEMENTATION = "delta_prefix"
 
@@ -43,11 +49,14 @@ class PrefixConfig(DeltaConfig):
     routes: ClassVar[tuple[str, ...]] = ("key_value",)
 
     prefix_token_num: int = field(default=6, metadata={"help": "prefix length (virtual tokens)"})
-    reparameterize: bool = field(default=True, metadata={"help": "produce prefixes with an MLP"})
+    reparameterize: bool = field(default=True, metadata={
+        "help": "produce all layers' prefixes with one shared MLP"})
+    embed_dim: int = field(default=512, metadata={"help": "width of the MLP's prefix embeddings"})
     mid_dim: int = field(default=512, metadata={"help": "hidden width of that MLP"})
 
     def validate(self) -> None:
         positive_int("prefix", "prefix_token_num", self.prefix_token_num)
+        positive_int("prefix", "embed_dim", self.embed_dim)
         positive_int("prefix", "mid_dim", self.mid_dim)
         if not isinstance(self.reparameterize, bool):
             raise DeltaError(f"prefix: reparameterize must be true or false, got {self.reparameterize!r}")
@@ -58,33 +67,52 @@ class HeadShape:
     heads: int
     head_dim: int
 
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+
+class PrefixReparameterization(DeltaModule):
+    """The shared MLP: embeddings (tokens × embed_dim) → Linear → tanh → Linear to the keys and
+    values of every prefixed layer at once (layer i's keys, then its values)."""
+
+    def __init__(self, tokens: int, config: PrefixConfig, widths: list[int],
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.prefix_embedding = nn.Parameter(torch.randn(tokens, config.embed_dim, device=device, dtype=dtype))
+        self.hidden = new_linear(config.embed_dim, config.mid_dim, True, device, dtype)
+        self.output = new_linear(config.mid_dim, 2 * sum(widths), True, device, dtype)
+        self.offsets = [2 * sum(widths[:i]) for i in range(len(widths))]
+
+    def key_values(self, index: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s keys and values (tokens × width each); only its slice is computed."""
+        hidden = torch.tanh(self.hidden(self.prefix_embedding))
+        rows = slice(self.offsets[index], self.offsets[index] + 2 * width)
+        return F.linear(hidden, self.output.weight[rows], self.output.bias[rows]).chunk(2, dim=-1)
+
 
 class PrefixLayer(DeltaModule):
-    """Prefix keys/values of one attention module, shaped (heads, tokens, head_dim)."""
+    """Prefix keys/values of one attention module, shaped (heads, tokens, head_dim): its own
+    parameters, or its slice of the shared reparameterization."""
 
-    def __init__(
-        self, shape: HeadShape, config: PrefixConfig, device: torch.device, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, shape: HeadShape, tokens: int, device: torch.device, dtype: torch.dtype,
+                 shared: tuple[PrefixReparameterization, int] | None = None) -> None:
         super().__init__()
         self.shape = shape
-        self.tokens = config.prefix_token_num
-        width = shape.heads * shape.head_dim
-        if config.reparameterize:
-            self.prefix_embedding = nn.Parameter(torch.randn(self.tokens, width, device=device, dtype=dtype))
-            self.prefix_mlp = nn.Sequential(
-                new_linear(width, config.mid_dim, True, device, dtype),
-                nn.Tanh(),
-                new_linear(config.mid_dim, 2 * width, True, device, dtype),
-            )
+        self.tokens = tokens
+        if shared is not None:
+            object.__setattr__(self, "_shared", shared)  # a reference; registered by its owner layer
         else:
-            self.prefix_key = nn.Parameter(0.02 * torch.randn(shape.heads, self.tokens, shape.head_dim, device=device, dtype=dtype))
-            self.prefix_value = nn.Parameter(0.02 * torch.randn(shape.heads, self.tokens, shape.head_dim, device=device, dtype=dtype))
+            self.prefix_key = nn.Parameter(0.02 * torch.randn(shape.heads, tokens, shape.head_dim, device=device, dtype=dtype))
+            self.prefix_value = nn.Parameter(0.02 * torch.randn(shape.heads, tokens, shape.head_dim, device=device, dtype=dtype))
 
     def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if hasattr(self, "prefix_mlp"):
-            keys, values = self.prefix_mlp(self.prefix_embedding).chunk(2, dim=-1)
+        shared = self.__dict__.get("_shared")
+        if shared is not None:
+            reparameterization, index = shared
+            keys, values = reparameterization.key_values(index, self.shape.width)
             split = (self.tokens, self.shape.heads, self.shape.head_dim)
-            return keys.view(split).transpose(0, 1), values.view(split).transpose(0, 1)
+            return keys.reshape(split).transpose(0, 1), values.reshape(split).transpose(0, 1)
         return self.prefix_key, self.prefix_value
 
 
@@ -92,10 +120,14 @@ class PrefixLayer(DeltaModule):
 
 
 class _ConfigView:
-    """The module's config with ``_attn_implementation`` reading ``delta_prefix``."""
+    """The module's config with ``_attn_implementation`` reading ``delta_prefix``; it carries the
+    module's prefixes, its own attention function and (while sizing) a probe."""
 
-    def __init__(self, base: Any) -> None:
+    def __init__(self, base: Any, eager: Callable[..., Any] | None) -> None:
         object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_eager", eager)
+        object.__setattr__(self, "_prefixes", [])
+        object.__setattr__(self, "_probe", None)
 
     @property
     def _attn_implementation(self) -> str:
@@ -108,28 +140,26 @@ class _ConfigView:
         setattr(object.__getattribute__(self, "_base"), name, value)
 
 
-@dataclass
-class _Binding:
-    config: Any
-    eager: Callable[..., Any] | None
-    prefixes: list[PrefixLayer] = field(default_factory=list)
-    probe: dict[str, Any] | None = None
-
-
-_BINDINGS: weakref.WeakKeyDictionary[nn.Module, _Binding] = weakref.WeakKeyDictionary()
+def _view(module: nn.Module) -> _ConfigView | None:
+    config = module.__dict__.get("config")
+    return config if isinstance(config, _ConfigView) else None
 
 
 def _prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: torch.Tensor | None,
                       *args: Any, **kwargs: Any) -> Any:
-    binding = _BINDINGS[module]
-    implementation = binding.config._attn_implementation
-    original = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, binding.eager)
-    if binding.probe is not None:
-        binding.probe["shape"] = HeadShape(key.shape[1], key.shape[-1])
-        if all("shape" in p for p in binding.probe["all"].values()):
+    view = _view(module)
+    if view is None:
+        raise DeltaError(f"{type(module).__name__} runs the prefix attention but has no prefix attached")
+    base = object.__getattribute__(view, "_base")
+    implementation = base._attn_implementation
+    original = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, object.__getattribute__(view, "_eager"))
+    probe = object.__getattribute__(view, "_probe")
+    if probe is not None and probe["thread"] == threading.get_ident():
+        probe["shape"] = HeadShape(key.shape[1], key.shape[-1])
+        if all("shape" in p for p in probe["all"].values()):
             raise ProbeComplete
-    for prefix in binding.prefixes:
+    for prefix in object.__getattribute__(view, "_prefixes"):
         keys, values = prefix.key_values()
         count = keys.shape[1]
         batch = key.shape[0]
@@ -176,21 +206,20 @@ def dispatches_attention(module: nn.Module) -> bool:
     return calls_attention_interface(module) and hasattr(module, "config")
 
 
-def _bind(module: nn.Module) -> _Binding:
-    binding = _BINDINGS.get(module)
-    if binding is None:
+def _bind(module: nn.Module) -> _ConfigView:
+    """The module's config view, installed on first use (call with the model's lock held)."""
+    view = _view(module)
+    if view is None:
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        binding = _Binding(module.config, eager)
-        _BINDINGS[module] = binding
-        module.config = _ConfigView(module.config)
-    return binding
+        view = _ConfigView(module.config, eager)
+        module.config = view
+    return view
 
 
 def _unbind_if_unused(module: nn.Module) -> None:
-    binding = _BINDINGS.get(module)
-    if binding is not None and not binding.prefixes and binding.probe is None:
-        module.config = binding.config
-        del _BINDINGS[module]
+    view = _view(module)
+    if view is not None and not object.__getattribute__(view, "_prefixes") and object.__getattribute__(view, "_probe") is None:
+        module.config = object.__getattribute__(view, "_base")
 
 
 class _PrefixHandle:
@@ -198,9 +227,11 @@ class _PrefixHandle:
         self.module, self.layer = module, layer
 
     def remove(self) -> None:
-        binding = _BINDINGS.get(self.module)
-        if binding is not None and self.layer in binding.prefixes:
-            binding.prefixes.remove(self.layer)
+        view = _view(self.module)
+        if view is not None:
+            prefixes = object.__getattribute__(view, "_prefixes")
+            if self.layer in prefixes:
+                prefixes.remove(self.layer)
         _unbind_if_unused(self.module)
 
 
@@ -217,27 +248,41 @@ class PrefixModel(DeltaBase):
                           "transformers attention modules")
 
     def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
-        shapes = self._head_shapes(modules)
+        config: PrefixConfig = self.config  # type: ignore[assignment]
+        backbone_modules = all_modules(self.backbone_model)
+        shapes = self._head_shapes({p: backbone_modules[p] for p in self.planned_paths})
+        shared: PrefixReparameterization | None = None
+        if config.reparameterize:
+            device, dtype = self.placement(next(iter(modules.values())))
+            shared = PrefixReparameterization(config.prefix_token_num, config,
+                                              [shapes[p].width for p in self.planned_paths], device, dtype)
+            self.shared_modules["reparameterization"] = shared
         result: dict[str, DeltaModule] = {}
         for path, module in modules.items():
-            device, dtype = module_device_dtype(module, self.backbone_model)
-            result[path] = PrefixLayer(shapes[path], self.config, device, dtype)  # type: ignore[arg-type]
+            device, dtype = self.placement(module)
+            link = (shared, self.planned_paths.index(path)) if shared is not None else None
+            layer = PrefixLayer(shapes[path], config.prefix_token_num, device, dtype, link)
+            if shared is not None and not result:
+                layer.reparameterization = shared  # registered once, in the first prefixed layer
+            result[path] = layer
         return result
 
     def _head_shapes(self, modules: dict[str, nn.Module]) -> dict[str, HeadShape]:
         """Key heads and head size of each module, recorded by one (early-stopped) pseudo pass."""
         rep = representatives(self.backbone_model, list(modules))
-        watched = {path: {} for path in dict.fromkeys(rep.values())}  # type: dict[str, dict[str, Any]]
-        for path, probe in watched.items():
-            probe["all"] = watched
-            _bind(modules[path]).probe = probe
-        try:
-            errors = run_pseudo_passes(
-                self.backbone_model, lambda: all("shape" in p for p in watched.values()))
-        finally:
-            for path in watched:
-                _BINDINGS[modules[path]].probe = None
-                _unbind_if_unused(modules[path])
+        watched: dict[str, dict[str, Any]] = {path: {} for path in dict.fromkeys(rep.values())}
+        thread = threading.get_ident()
+        with model_lock(self.backbone_model):
+            for path, probe in watched.items():
+                probe.update(all=watched, thread=thread)
+                object.__setattr__(_bind(modules[path]), "_probe", probe)
+            try:
+                errors = run_pseudo_passes(
+                    self.backbone_model, lambda: all("shape" in p for p in watched.values()))
+            finally:
+                for path in watched:
+                    object.__setattr__(_bind(modules[path]), "_probe", None)
+                    _unbind_if_unused(modules[path])
         missing = [p for p in modules if "shape" not in watched[rep[p]]]
         if missing:
             raise DeltaError(
@@ -246,7 +291,25 @@ class PrefixModel(DeltaBase):
             )
         return {p: watched[rep[p]]["shape"] for p in modules}
 
-
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
-        _bind(module).prefixes.append(delta)  # type: ignore[arg-type]
+        object.__getattribute__(_bind(module), "_prefixes").append(delta)
         return RouteHandle([_PrefixHandle(module, delta)])  # type: ignore[list-item]
+
+    def fold(self) -> PrefixModel:
+        """Replace the shared MLP by the plain prefixes it computes now (same outputs, fewer
+        parameters, no MLP to run); the config becomes ``reparameterize=False``."""
+        shared = self.shared_modules.get("reparameterization") if "reparameterization" in self.shared_modules else None
+        if shared is None:
+            raise DeltaStateError("this prefix delta has no reparameterization to fold (reparameterize=False)")
+        with model_lock(self.backbone_model), torch.no_grad():
+            for path in self.modified_paths:
+                layer = self.delta_modules[_key(path)]
+                keys, values = layer.key_values()
+                del layer.__dict__["_shared"]
+                if "reparameterization" in layer._modules:
+                    del layer._modules["reparameterization"]
+                layer.prefix_key = nn.Parameter(keys.detach().clone().contiguous())
+                layer.prefix_value = nn.Parameter(values.detach().clone().contiguous())
+            del self.shared_modules["reparameterization"]
+            self.config.reparameterize = False  # type: ignore[attr-defined]
+        return self

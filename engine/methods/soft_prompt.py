@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from engine.config import DeltaConfig, positive_int
-from engine.building import DeltaModule
+from engine.layers import DeltaModule
 from engine.delta import DeltaBase
 from engine.errors import ModuleNotSupportedError
-from engine.methods import register
+from engine.registry import register
 from engine.routing import RouteHandle
-from engine.sizing import IOSizes, module_device_dtype
+from engine.roles.kinds import IOSizes
 
 
 @dataclass
@@ -159,6 +159,7 @@ class SoftPromptModel(DeltaBase):
     config_class = SoftPromptConfig
     default_modified_modules: ClassVar[list[str]] = ["embeddings"]
     supported_modules: ClassVar[tuple[str, ...]] = ("Embedding",)
+    hooks_target_forward: ClassVar[bool] = False  # hooks the model, and calls the embedding itself
 
     @classmethod
     def select_targets(cls, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
@@ -174,7 +175,7 @@ class SoftPromptModel(DeltaBase):
         return paths
 
     def make_delta(self, path: str, module: nn.Module, sizes: IOSizes) -> DeltaModule:
-        device, dtype = module_device_dtype(module, self.backbone_model)
+        device, dtype = self.placement(module)
         return SoftPrompt(module, self.config, device, dtype)  # type: ignore[arg-type]
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:

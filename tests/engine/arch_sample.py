@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 
 from engine import AutoDeltaModel, load_backbone
-from engine.kinds import is_channels_first, is_fused_experts, is_projection
+from engine.roles.kinds import is_channels_first, is_fused_experts, is_projection
 from engine.roles import infer_roles
-from engine.structure import COMMON_NAMES
+from engine.roles import COMMON_NAMES
 from engine.tree import all_modules
 
 RECORD = Path(__file__).with_name("arch_sample.json")
@@ -64,7 +64,11 @@ def _width(module: nn.Module, side: int) -> int:
 
 
 def _expert_width(module: nn.Module) -> int:
+    """The hidden width fused experts read: (E, out, in) alone, or the width an up- and a
+    down-projection share (in either storage order)."""
     shapes = [p.shape for p in module.parameters(recurse=False) if p.dim() == 3]
+    if len(shapes) == 1:
+        return shapes[0][2]
     first, last = shapes[0], shapes[-1]
     return first[2] if first[2] == last[1] else first[1]
 
@@ -73,7 +77,8 @@ def _output_width(module: nn.Module) -> int:
     """A layer's output width; a block's is its input's, the residual width its first projection
     (or set of experts) reads."""
     if is_fused_experts(module):
-        return _expert_width(module)
+        shapes = [p.shape for p in module.parameters(recurse=False) if p.dim() == 3]
+        return shapes[0][1] if len(shapes) == 1 else _expert_width(module)  # (E, out, in) alone
     if getattr(module, "weight", None) is not None:
         return _width(module, 1)
     inner = next(m for m in module.modules() if is_projection(m) or is_fused_experts(m))

@@ -7,9 +7,9 @@ import torch
 import transformers
 
 from engine import AutoDeltaModel, ModuleTree
-from engine.checkpoint import load_delta
-from engine.kinds import is_channels_first
-from engine.structure import COMMON_NAME_MAP
+from engine import AutoDeltaModel as _Auto
+from engine.roles.kinds import is_channels_first
+from engine.roles import COMMON_NAME_MAP
 from engine.tree import all_modules
 from tests.engine.test_delta_matrix import perturb
 from tests.engine.tiny import main_tensor
@@ -93,10 +93,10 @@ def test_default_deltas_give_exact_outputs(kind, method, tmp_path):
     if method == "lora":
         # float32 sums in another order: Mamba's scan carries the difference to 3e-5
         torch.testing.assert_close(changed, run(edit_by_hand(kind, delta), kind), rtol=0, atol=1e-4)
-    delta.save_finetuned(tmp_path / method)
+    delta.freeze_module().save_finetuned(tmp_path / method)
     delta.detach()
     assert torch.equal(run(model, kind), before), "detaching must restore the outputs exactly"
     fresh = build(kind)
-    load_delta(tmp_path / method, fresh)
+    _Auto.from_finetuned(tmp_path / method, fresh)
     assert torch.equal(run(fresh, kind), changed), "a saved delta must load back bit for bit"
     assert ModuleTree.from_model(fresh).total_parameters > 0

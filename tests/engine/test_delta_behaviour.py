@@ -104,10 +104,9 @@ def test_counts_equal_the_formulas_for_every_method():
     bitfit = BitFitModel(model, name="bitfit")
     per_layer = 4 * 768 + 768 + 3072 + 768 + 768  # q,k,v,o + attn LN + intermediate + out + out LN
     assert bitfit.num_trainable_parameters() == 12 * per_layer + 768  # + embeddings.LayerNorm
-    prefix = PrefixModel(model, prefix_token_num=6, mid_dim=512)
-    width = 768
-    per_module = 6 * width + (width * 512 + 512) + (512 * 2 * width + 2 * width)
-    assert prefix.num_trainable_parameters() == 12 * per_module
+    prefix = PrefixModel(model, prefix_token_num=6, embed_dim=256, mid_dim=512)
+    width = 768  # one MLP for all 12 layers: 6 embeddings of 256 → 512 → every layer's keys and values
+    assert prefix.num_trainable_parameters() == 6 * 256 + (256 * 512 + 512) + (512 + 1) * 12 * 2 * width
     direct = PrefixModel(model, prefix_token_num=6, reparameterize=False, name="prefix2")
     assert direct.num_trainable_parameters() == 12 * 2 * 6 * width
     by_module = adapter.trainable_parameters_by_module()

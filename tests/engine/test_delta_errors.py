@@ -64,7 +64,7 @@ def test_bad_input_raises_and_leaves_the_backbone_unmodified(build, error, messa
 
 def test_checkpoint_from_another_backbone_is_refused_with_the_differences(tmp_path):
     source = tiny_model("bert")
-    LoraModel(source, ["query"]).save_finetuned(tmp_path)
+    LoraModel(source, ["query"]).freeze_module().save_finetuned(tmp_path)
     import transformers
 
     three_layers = transformers.BertModel(transformers.BertConfig(
@@ -84,7 +84,7 @@ def test_checkpoint_from_another_backbone_is_refused_with_the_differences(tmp_pa
 def test_damaged_checkpoints_are_refused_and_the_backbone_stays_clean(tmp_path, damage):
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
     reference = output(model, inputs)
-    delta = LoraModel(tiny_model("bert"))
+    delta = LoraModel(tiny_model("bert")).freeze_module()
     perturb(delta)
     delta.save_finetuned(tmp_path)
     weights, config = tmp_path / "delta.safetensors", tmp_path / "config.json"
@@ -106,7 +106,7 @@ def test_damaged_checkpoints_are_refused_and_the_backbone_stays_clean(tmp_path, 
 def test_checkpoint_with_unexpected_keys_lists_them(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    delta = LoraModel(tiny_model("bert"))
+    delta = LoraModel(tiny_model("bert")).freeze_module()
     delta.save_finetuned(tmp_path)
     tensors = load_file(tmp_path / "delta.safetensors")
     tensors["encoder.layer.0.attention.self.query.lora_C.weight"] = torch.zeros(1)
@@ -118,14 +118,14 @@ def test_checkpoint_with_unexpected_keys_lists_them(tmp_path):
 
 
 def test_saving_a_meta_delta_is_refused(tmp_path):
-    delta = LoraModel(load_backbone("catalog:bert-base-uncased").model)
+    delta = LoraModel(load_backbone("catalog:bert-base-uncased").model).freeze_module()
     with pytest.raises(DeltaStateError, match="meta backbone"):
         delta.save_finetuned(tmp_path)
     assert not list(tmp_path.iterdir())
 
 
 def test_checkpoint_config_is_readable_json_with_the_resolved_modules(tmp_path):
-    delta = LoraModel(tiny_model("bert"), ["query"], lora_r=4, lora_alpha=8)
+    delta = LoraModel(tiny_model("bert"), ["query"], lora_r=4, lora_alpha=8).freeze_module()
     delta.save_finetuned(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["delta_type"] == "lora" and config["lora_r"] == 4

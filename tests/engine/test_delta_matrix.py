@@ -113,7 +113,7 @@ def test_three_deltas_on_the_same_modules_detach_in_any_order(kind, order):
 @pytest.mark.parametrize("method, kind", MATRIX)
 def test_save_then_load_on_a_fresh_backbone_reproduces_outputs(method, kind, tmp_path):
     model, inputs = tiny_model(kind), tiny_inputs(kind)
-    delta = build(method, model)
+    delta = build(method, model).freeze_module()
     perturb(delta)
     expected = output(model, inputs)
     delta.save_finetuned(tmp_path)

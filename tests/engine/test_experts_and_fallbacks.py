@@ -8,10 +8,10 @@ import torch
 import transformers
 
 from engine import AutoDeltaModel, ConfigError, LoraModel, load_backbone
-from engine.checkpoint import load_delta
+from engine import AutoDeltaModel as _Auto
 from engine.errors import ModuleNotSupportedError
 from engine.interop.peft import export_peft
-from engine.structure import default_positions
+from engine.roles import default_positions
 from tests.engine.test_delta_matrix import output, perturb
 
 IDS = {"input_ids": torch.tensor([[5, 17, 3, 42, 8, 1, 64]])}
@@ -70,7 +70,7 @@ def test_expert_factors_train_save_load_and_merge(tmp_path):
     expected = output(model, IDS)
     delta.save_finetuned(tmp_path / "experts")
     fresh = tiny_mixtral()
-    load_delta(tmp_path / "experts", fresh)
+    _Auto.from_finetuned(tmp_path / "experts", fresh)
     assert torch.equal(output(fresh, IDS), expected)
     delta.merge()
     torch.testing.assert_close(output(model, IDS), expected, rtol=0, atol=1e-5)
@@ -124,7 +124,7 @@ def test_convolutions_take_lora_adapters_and_biases_along_their_channels():
 
 def test_defaults_fall_back_where_a_model_lacks_a_role(caplog):
     mixtral = load_backbone("catalog:mixtral-8x7b").model
-    with caplog.at_level(logging.INFO, logger="engine.structure"):
+    with caplog.at_level(logging.INFO, logger="engine.roles.common_names"):
         assert default_positions(mixtral, ["attn.o", "ff.w2"]) == ["attn.o", "moe"]
     assert "has no 'ff.w2' role; default position 'moe' used instead" in caplog.text
     adapter = AutoDeltaModel.from_config({"delta_type": "adapter"}, mixtral, attach=False)
@@ -132,8 +132,9 @@ def test_defaults_fall_back_where_a_model_lacks_a_role(caplog):
     mamba = load_backbone("arch:mamba").model
     assert default_positions(mamba, ["attn.q", "attn.v"]) == ["ff.w1", "ff.w2"]
     lora = AutoDeltaModel.from_config({"delta_type": "lora"}, mamba, attach=False)
-    assert lora.modified_paths[:4] == ["layers.0.mixer.in_proj", "layers.0.mixer.x_proj",
-                                       "layers.0.mixer.dt_proj", "layers.0.mixer.out_proj"]
+    # the mixer's own projections (x_proj, dt_proj) neither read nor write the residual stream
+    assert lora.modified_paths[:3] == ["layers.0.mixer.in_proj", "layers.0.mixer.out_proj", "layers.1.mixer.in_proj"]
+    assert len(lora.modified_paths) == 2 * 32
     # a name the user writes is never replaced
     with pytest.raises(ConfigError, match="common name 'attn.q': no module of model type 'mamba'"):
         LoraModel(mamba, ["attn.q"])

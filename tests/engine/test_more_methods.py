@@ -33,7 +33,8 @@ def test_counts_equal_the_formulas(bert_base):
     b = D // 32
     assert count("low_rank_adapter") == 24 * ((D * 1 + 1 * b + b) + (b * 1 + 1 * D + D))
     b, n = D // 16, 4
-    assert count("compacter") == 24 * ((n**3 + n * (D // n) + n * (b // n) + b) + (n**3 + n * (b // n) + n * (D // n) + D))
+    # one set of rules Aᵢ (n × n × n) shared by every layer, then per layer the down and up Bᵢ and biases
+    assert count("compacter") == n**3 + 24 * ((n * (D // n) + n * (b // n) + b) + (n * (b // n) + n * (D // n) + D))
 
 
 def test_estimates_agree_with_full_builds_for_every_method(bert_base):

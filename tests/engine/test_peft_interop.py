@@ -71,7 +71,8 @@ def test_all_linear_with_a_rank_pattern_becomes_readable_expressions(tmp_path):
     _peft_trained("llama", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}), tmp_path)
     delta = import_peft(tmp_path, tiny_model("llama"))
     assert delta.config.modified_modules == ["q_proj", "v_proj"]
-    assert delta.num_trainable_parameters() == 2 * (4 * 64 + 2 * (32 + 16))
+    assert delta.num_delta_parameters() == 2 * (4 * 64 + 2 * (32 + 16))
+    assert delta.num_trainable_parameters() == 0  # loaded for inference, as PEFT's is_trainable=False
 
 
 def test_what_peft_cannot_express_is_refused_by_name(tmp_path):

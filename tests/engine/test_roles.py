@@ -5,7 +5,7 @@ import pytest
 
 from engine import AutoDeltaModel, ConfigError, ModuleTree, load_backbone, resolve
 from engine.roles import infer_roles
-from engine.structure import COMMON_NAME_MAP, expand_common_names
+from engine.roles import COMMON_NAME_MAP, expand_common_names
 
 _BERT_LIKE = {
     "attn": [r"[r]\d+\.attention"],  # the block; prefix descends to the module that attends

@@ -3,9 +3,10 @@
 Repeated layers are found structurally (siblings in a ModuleList with one fingerprint); inside each
 layer, attention blocks are the outermost modules whose class is an attention (or that call
 transformers' attention interface), their projections are named by well-known spellings (or, with
-exactly four Linear layers, by order), and feed-forward layers are classified by shape: widening
-layers are w1/gate, narrowing layers are w2. Norms, input embeddings and the output head come from
-class names and the model's own accessors. Used where the hand-written table has no entry.
+exactly four Linear layers, by order), and feed-forward layers are classified by dataflow: a
+projection that reads the layer's residual width is w1/gate, one that writes back to it is w2
+(whatever the intermediate width: DeepSeek-V3's shared experts are narrower than the residual).
+Norms, input embeddings and the output head come from class names and the model's own accessors.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from engine.building import inside_delta
-from engine.kinds import is_attention, is_fused_experts, is_pointwise_conv
-from engine.sizing import declared_sizes
+from engine.roles.kinds import is_attention, is_fused_experts, is_norm, is_pointwise_conv
+from engine.targets import inside_delta
 from engine.tree import ModuleTree, all_modules
 
 _Q = re.compile(r"^(q|q_proj|q_b_proj|query|query_proj|wq|q_lin|to_q|qproj|q_linear|linear_q|to_query)$", re.I)
@@ -30,6 +31,9 @@ _O = re.compile(r"^(o|o_proj|out_proj|wo|out_lin|dense|c_proj|proj|to_out|out|ou
                 r"projection|projection_layer|linear_out|proj_out)$", re.I)
 _CROSS = re.compile(r"(cross|encoder_attn|encdec)", re.I)
 _GATE = re.compile(r"(gate|wi_0|^w1$)", re.I)
+#: names of square feed-forward projections, which dataflow alone cannot place
+_WRITES_BACK = re.compile(r"^(down|down_proj|w2|fc2|wo|c_proj|dense_4h_to_h|fc_out|out_proj)$", re.I)
+_READS = re.compile(r"^(up|up_proj|w1|w3|fc1|wi|wi_0|wi_1|c_fc|dense_h_to_4h|fc_in|gate|gate_proj)$", re.I)
 _NAMED = {"attn.q": _Q, "attn.k": _K, "attn.v": _V, "attn.qkv": _QKV, "attn.o": _O}
 #: a narrowing layer this small scores or gates (a router's, a shared expert's gate), it does not project
 _MIN_PROJECTION_WIDTH = 8
@@ -128,10 +132,7 @@ def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
     if not layers:  # one layer in this config, or layers shared (ALBERT): read the whole model
         _classify_layer("", modules, roles)
     for path, module in modules.items():
-        own = list(module.parameters(recurse=False))
-        # a normalisation layer: "norm" in its class, only 1-D (scale/shift) parameters, a known width
-        if (path and "norm" in type(module).__name__.lower() and own and all(p.dim() == 1 for p in own)
-                and declared_sizes(module) is not None):
+        if path and is_norm(module):
             roles.add("layer_norm", path)
     for role, getter in (("embeddings", "get_input_embeddings"), ("head", "get_output_embeddings")):
         accessor = getattr(model, getter, None)
@@ -177,26 +178,28 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
             for role in ("attn.q", "attn.k", "attn.v"):
                 roles.add(role, path)
     outside = [p for p in inside if not any(p == a or p.startswith(a + ".") for a in attention)]
-    widening, narrowing, experts = [], [], []
-    for path in outside:
-        if any(path.startswith(e + ".") for e in experts):
-            continue
-        shape = _linear_shape(modules[path])
-        if shape is None:
-            if is_fused_experts(modules[path]):
-                experts.append(path)
-                roles.add("moe.experts", path)
-            continue
-        if shape[1] > shape[0]:
-            widening.append(path)
-        elif shape[1] >= _MIN_PROJECTION_WIDTH and shape[0] > shape[1]:
-            narrowing.append(path)
-    gates = [p for p in widening if _GATE.search(p.rsplit(".", 1)[-1])] if len(widening) > 1 else []
-    for path in widening:
+    experts = [p for p in outside if is_fused_experts(modules[p])]
+    for path in experts:
+        roles.add("moe.experts", path)
+    expert_counts = {modules[p]._parameters[n].shape[0] for p in experts
+                     for n, t in modules[p].named_parameters(recurse=False) if t.dim() == 3}
+    projections = {p: _linear_shape(modules[p]) for p in outside
+                   if not any(p.startswith(e + ".") for e in experts)}
+    projections = {p: shape for p, shape in projections.items()
+                   if shape is not None and min(shape) >= _MIN_PROJECTION_WIDTH and shape[1] not in expert_counts}
+    norms = [p for p in outside if p != layer and is_norm(modules[p])]
+    direct = [p for p in norms if p.rsplit(".", 1)[0] == layer or (not layer and "." not in p)]
+    # convolutional blocks put a norm after every convolution, so their norms do not tell the
+    # residual width: those keep the width rule (right for inverted residuals, as in MobileNet)
+    convolutional = any(is_pointwise_conv(modules[p]) for p in projections)
+    residual = None if convolutional else _residual_width(direct or norms, modules)
+    reading, writing = _split_by_dataflow(projections, residual)
+    gates = [p for p in reading if _GATE.search(p.rsplit(".", 1)[-1])] if len(reading) > 1 else []
+    for path in reading:
         roles.add("ff.gate" if path in gates else "ff.w1", path)
-    for path in narrowing:
+    for path in writing:
         roles.add("ff.w2", path)
-    members = widening + narrowing + experts
+    members = reading + writing + experts
     if members:
         common = _common_parent(members)
         if common and common != layer and common.startswith(prefix):
@@ -206,6 +209,49 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
         else:
             for path in members:
                 roles.add("ff", path)
+
+
+def _residual_width(norms: list[str], modules: dict[str, nn.Module]) -> int | None:
+    """The width of the layer's residual stream: what its norms normalise — the layer's own
+    (pre/post-norms, its direct children) where it has them, else those outside attention — the
+    most common width, the larger one on a tie. None when the layer has no such norm."""
+    widths = [int(modules[p].weight.shape[0]) for p in norms
+              if isinstance(getattr(modules[p], "weight", None), torch.Tensor)]
+    if not widths:
+        return None
+    return max(set(widths), key=lambda w: (widths.count(w), w))
+
+
+def _split_by_dataflow(projections: dict[str, tuple[int, int]], residual: int | None) -> tuple[list[str], list[str]]:
+    """Feed-forward projections that read the residual stream (w1/gate) and that write back to it
+    (w2). Which is which follows the data, not the widths: a projection from the residual width to
+    another width reads, one from another width to the residual width writes — so an FFN narrower
+    than the residual (DeepSeek-V3's shared experts) is classified right. A square projection is
+    neither unless its name says which; without a known residual width, widening layers read and
+    narrowing ones write."""
+    reading: list[str] = []
+    writing: list[str] = []
+    for path, (fan_in, fan_out) in projections.items():
+        name = path.rsplit(".", 1)[-1]
+        if residual is not None and fan_in == residual and fan_out != residual:
+            reading.append(path)
+        elif residual is not None and fan_out == residual and fan_in != residual:
+            writing.append(path)
+        elif fan_in == fan_out:
+            if _WRITES_BACK.search(name):
+                writing.append(path)
+            elif _READS.search(name):
+                reading.append(path)
+        elif residual is None:
+            (reading if fan_out > fan_in else writing).append(path)
+    # a feed-forward block's writer reads what its readers produce: where such pairs exist, a
+    # projection outside them (ALBERT's embedding-to-hidden mapping) is no part of the FFN
+    produced = {projections[p][1] for p in reading}
+    consumed = {projections[p][0] for p in writing}
+    if produced & consumed:
+        reading = [p for p in reading if projections[p][1] in consumed]
+        writing = [p for p in writing if projections[p][0] in produced]
+    return reading, writing
 
 
 _TOWER_KINDS = (("tower.vision", re.compile(r"vision|visual|image|pixel", re.I)),

@@ -7,20 +7,24 @@ inference only where it is wrong.
 A common name in ``modified_modules`` is replaced by the architecture's own addressing
 expressions, so one config works across model families. To address a module whose real name
 happens to be a common name (GPT-2's ``attn``), write it as a regex: ``[r]attn``.
+
+Common names and default positions never select the output head (``lm_head``; OpenDelta's
+``default_exclude_modules``): training it is a choice a person makes by typing its real name.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
 
 from engine.addressing import compile_selection
 from engine.errors import ConfigError
-from engine.roles import Roles, infer_roles
-from engine.tree import ModuleTree
+from engine.roles.inference import Roles, infer_roles
+from engine.tree import ModuleTree, all_modules
 
 COMMON_NAMES = (
     "attn", "attn.q", "attn.k", "attn.v", "attn.o",
@@ -29,17 +33,18 @@ COMMON_NAMES = (
 
 #: Default positions only — a name the user wrote is never replaced. Where a model has no module in
 #: a default's role, the first role of its chain that it has is used instead, and the choice logged.
-DEFAULT_FALLBACKS: dict[str, tuple[str, ...]] = {
+DEFAULT_FALLBACKS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     # the attention block's output is its output projection's (some blocks name it oddly, or fold it)
     "attn.o": ("attn",),
     # a mixture of experts keeps its down-projections in fused 3-D parameters: after the whole block
     "ff.w2": ("moe",),
-}
+})
 #: Models without attention projections (state-space, convolutional, Fourier-mixing, gated MLP
 #: mixers): LoRA's q/v positions fall back to the dense projections they do have, e.g. Mamba's
 #: in/out projections, ConvNeXt's pointwise convolutions. Positions with no role at all are left
 #: out, as long as one default remains.
-ATTENTION_FREE_FALLBACKS: dict[str, tuple[str, ...]] = {"attn.q": ("ff.w1",), "attn.v": ("ff.w2",)}
+ATTENTION_FREE_FALLBACKS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {"attn.q": ("ff.w1",), "attn.v": ("ff.w2",)})
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +53,49 @@ logger = logging.getLogger(__name__)
 #: a person would write for bert, roberta, deberta-v2, gpt2, opt, bart, t5, llama, mistral and
 #: qwen2 — the table this library started with — are what inference finds
 #: (tests/engine/test_roles.py keeps them as its expectations).
-COMMON_NAME_MAP: dict[str, dict[str, list[str]]] = {}
+COMMON_NAME_MAP: Mapping[str, Mapping[str, list[str]]] = MappingProxyType({})
+
+
+class ModelStructure:
+    """One model's modules, tree and inferred roles, each computed on first use.
+
+    Made per operation (a delta's construction, an estimate) and never cached beyond it, so a
+    model whose modules change — a delta attached, a layer replaced — is never described by stale
+    roles, and threads never share it.
+    """
+
+    def __init__(self, model: nn.Module, tree: ModuleTree | None = None) -> None:
+        self.model = model
+        self._tree = tree
+        self._modules: dict[str, nn.Module] | None = None
+        self._roles: Roles | None = None
+
+    @classmethod
+    def of(cls, target: nn.Module | ModelStructure) -> ModelStructure:
+        return target if isinstance(target, ModelStructure) else cls(target)
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        if self._modules is None:
+            self._modules = all_modules(self.model)
+        return self._modules
+
+    @property
+    def tree(self) -> ModuleTree:
+        if self._tree is None:
+            self._tree = ModuleTree.from_model(self.model)
+        return self._tree
+
+    @property
+    def roles(self) -> Roles:
+        if self._roles is None:
+            self._roles = infer_roles(self.model, self.tree)
+        return self._roles
+
+    def role_paths(self, role: str) -> list[str]:
+        """The modules in ``role``, never the output head (nor a module sharing its weight)."""
+        head = set(self.roles.by_role.get("head", ()))
+        return [p for p in self.roles.by_role.get(role, ()) if p not in head]
 
 
 def model_type_of(model: nn.Module) -> str | None:
@@ -56,42 +103,29 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
-_INFERRED: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[Roles, ModuleTree]]] = (
-    weakref.WeakKeyDictionary())
-
-
-def _inferred(model: nn.Module) -> tuple[Roles, ModuleTree]:
-    """The model's roles and tree, kept until its module count changes (a delta attached or
-    detached): default positions and common-name expansion both need them on every build."""
-    count = sum(1 for _ in model.modules())
-    cached = _INFERRED.get(model)
-    if cached is None or cached[0] != count:
-        tree = ModuleTree.from_model(model)
-        cached = (count, (infer_roles(model, tree), tree))
-        _INFERRED[model] = cached
-    return cached[1]
-
-
 def _model_label(model: nn.Module) -> str:
     model_type = model_type_of(model)
     return f"model type {model_type!r}" if model_type else type(model).__name__
 
 
-def available_roles(model: nn.Module) -> set[str]:
+def available_roles(target: nn.Module | ModelStructure) -> set[str]:
     """The common names this model has modules for."""
-    table = COMMON_NAME_MAP.get(model_type_of(model) or "", {})
-    return set(table) | {r for r in _inferred(model)[0].by_role if r in COMMON_NAMES}
+    structure = ModelStructure.of(target)
+    table = COMMON_NAME_MAP.get(model_type_of(structure.model) or "", {})
+    return set(table) | {r for r in COMMON_NAMES if structure.role_paths(r)}
 
 
-def default_positions(model: nn.Module, defaults: list[str]) -> list[str]:
+def default_positions(target: nn.Module | ModelStructure, defaults: list[str]) -> list[str]:
     """A method's default common names as they apply to this model (see DEFAULT_FALLBACKS).
 
     Raises when none of them, nor any fallback, exists: then the user must name modules.
     """
+    structure = ModelStructure.of(target)
+    model = structure.model
     table = COMMON_NAME_MAP.get(model_type_of(model) or "")
     if table is not None and all(name in table for name in defaults):
         return list(defaults)
-    present = available_roles(model)
+    present = available_roles(structure)
     chosen: list[str] = []
     for name in defaults:
         chain = (name, *DEFAULT_FALLBACKS.get(name, ()))
@@ -113,16 +147,16 @@ def default_positions(model: nn.Module, defaults: list[str]) -> list[str]:
     return chosen
 
 
-def expand_common_names(model: nn.Module, expressions: list[str]) -> list[str]:
+def expand_common_names(target: nn.Module | ModelStructure, expressions: list[str]) -> list[str]:
     """Replace common names by the architecture's expressions; other expressions pass through.
 
     The hand-written table wins where it has the architecture; any other model's roles are
     inferred from its structure (``engine.roles``) and compiled to exact expressions.
     """
-    model_type = model_type_of(model)
-    table = COMMON_NAME_MAP.get(model_type or "")
+    structure = ModelStructure.of(target)
+    model = structure.model
+    table = COMMON_NAME_MAP.get(model_type_of(model) or "")
     result: list[str] = []
-    inferred: tuple[Roles, ModuleTree] | None = None  # computed once, only when needed
     for expression in expressions:
         if expression not in COMMON_NAMES:
             result.append(expression)
@@ -130,16 +164,13 @@ def expand_common_names(model: nn.Module, expressions: list[str]) -> list[str]:
         if table is not None and expression in table:
             result.extend(e for e in table[expression] if e not in result)
             continue
-        if inferred is None:
-            inferred = _inferred(model)
-        roles, tree = inferred
-        paths = roles.by_role.get(expression)
+        paths = structure.role_paths(expression)
         if not paths:
-            found = ", ".join(sorted(r for r in roles.by_role if r in COMMON_NAMES)) or "none"
+            found = ", ".join(sorted(r for r in structure.roles.by_role if r in COMMON_NAMES)) or "none"
             raise ConfigError(
                 f"common name {expression!r}: no module of {_model_label(model)} was "
                 f"recognised in that role (roles found: {found}); give the real module names in "
                 "modified_modules (see `delta-designer tree`)"
             )
-        result.extend(e for e in compile_selection(tree, paths) if e not in result)
+        result.extend(e for e in compile_selection(structure.tree, paths) if e not in result)
     return result

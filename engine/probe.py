@@ -1,0 +1,133 @@
+"""Pseudo-input passes: run a small input through a backbone to learn what static structure
+cannot tell (sizes, which modules the forward really calls).
+
+On a meta backbone the pass runs on the meta device — no memory, no arithmetic. Passes hold the
+model's lock and switch it to eval mode for their duration (so no BatchNorm statistic moves), and
+every hook they add acts only in the probing thread: another thread running the same model at that
+moment is not observed, and is not stopped by :class:`ProbeComplete`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.locking import model_lock
+
+
+class ProbeComplete(Exception):
+    """Raised from a probe hook once everything is recorded, to end the pass early."""
+
+
+def in_probing_thread(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a probe hook so that it acts only in the thread that registered it."""
+    owner = threading.get_ident()
+
+    def filtered(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == owner:
+            return hook(*args, **kwargs)
+        return None
+
+    return filtered
+
+
+def module_device_dtype(module: nn.Module, model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a module's (or, without parameters, the model's) parameters live and their dtype."""
+    for source in (module, model):
+        parameter = next(source.parameters(), None)
+        if parameter is not None:
+            return parameter.device, parameter.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def pseudo_input_variants(model: nn.Module) -> Iterator[dict[str, Any]]:
+    """Small inputs a transformers model accepts, tried in order (the last one suits meta)."""
+    device, dtype = module_device_dtype(model, model)
+    config: Any = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", "input_ids")
+    batch, length = 1, 4
+    if main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        channels = getattr(config, "num_channels", 3)
+        yield {"pixel_values": torch.zeros(batch, channels, size, size, device=device, dtype=dtype)}
+        return
+    if main == "input_features":
+        bins = getattr(config, "num_mel_bins", 80)
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        features = torch.zeros(batch, bins, frames, device=device, dtype=dtype)
+        ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+        yield {"input_features": features, "decoder_input_ids": ids}
+        return
+    ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+    base: dict[str, Any] = {"input_ids": ids}
+    if getattr(config, "is_encoder_decoder", False):
+        base["decoder_input_ids"] = ids
+    yield base
+    if not getattr(config, "is_encoder_decoder", False):
+        # a ready 4-D mask skips transformers' data-dependent mask code, which meta cannot run
+        mask = torch.ones(batch, 1, length, length, dtype=torch.bool, device=device)
+        yield {**base, "attention_mask": mask}
+
+
+def run_pseudo_passes(model: nn.Module, done: Callable[[], bool]) -> list[str]:
+    """Run pseudo inputs through ``model`` until ``done()``; return the errors met on the way.
+
+    Call it with the model's lock held (the probes that add hooks must hold it around the
+    registration too).
+    """
+    errors: list[str] = []
+    with model_lock(model):
+        for inputs in pseudo_input_variants(model):
+            try:
+                with torch.no_grad(), _eval_mode(model), _experts_runnable_on_meta(model):
+                    if _accepts_use_cache(model):
+                        model(**inputs, use_cache=False)
+                    else:
+                        model(**inputs)
+            except ProbeComplete:
+                break
+            except Exception as exc:  # noqa: BLE001 - every failure is reported with its paths
+                errors.append(f"{type(exc).__name__}: {exc}")
+            if done():
+                break
+    return errors
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    config: Any = getattr(model, "config", None)
+    return config is not None and hasattr(config, "use_cache")
+
+
+@contextlib.contextmanager
+def _experts_runnable_on_meta(model: nn.Module) -> Iterator[None]:
+    """On the meta device, fused experts run through batched matmuls: the grouped-matmul kernel's
+    meta version accepts bfloat16 only, and the eager loop needs real routing values."""
+    config: Any = getattr(model, "config", None)
+    current = getattr(config, "_experts_implementation", None)
+    switch = current == "grouped_mm" and hasattr(model, "set_experts_implementation") and any(
+        p.is_meta for p in model.parameters())
+    if switch:
+        model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_experts_implementation(current)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the pass, restoring every module's own flag afterwards (not just the root's:
+    a model may keep some submodules in a different mode on purpose)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
