@@ -70,7 +70,7 @@ class Previewer:
             return module_parameters(self.loaded.twin_tree, group.selection)
         key = (group.method, group.route, json.dumps(group.hyperparameters, sort_keys=True), tuple(expressions))
         return self._trainable.get(key, lambda: estimate_delta(
-            self.loaded.twin, group.config(expressions), self.loaded.twin_tree).total)
+            self.loaded.twin, group.config(expressions), structure=self.loaded.structure).total)
 
     def marks(self, groups: list[Group]) -> dict[str, dict[str, str]]:
         """Collapsed node path → {group id: "full" | "partial"} for the groups touching it."""

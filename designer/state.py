@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from engine import Backbone, ModuleTree, infer_roles, load_backbone
+from engine import Backbone, ModelStructure, ModuleTree, load_backbone
 
 
 @dataclass
@@ -27,6 +27,11 @@ class LoadedBackbone:
     twin: nn.Module
     twin_tree: ModuleTree
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards builds on the model
+    #: the twin's roles and probe results, computed once (nothing is ever attached to the twin)
+    structure: ModelStructure = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.structure = ModelStructure(self.twin, self.twin_tree)
 
     @property
     def source(self) -> str:
@@ -34,7 +39,7 @@ class LoadedBackbone:
 
     def roles(self) -> dict[str, Any]:
         """Inferred roles for the page: a label per collapsed node, and which roles exist."""
-        inferred = infer_roles(self.twin, self.twin_tree)
+        inferred = self.structure.roles
         labels = {}
         for node in self.collapsed.root.walk():
             label = inferred.label(node.member_paths[0]) if node.path else ""

@@ -154,7 +154,7 @@ class DeltaBase(nn.Module):
 
     @classmethod
     def _without_bypassed(cls, structure: ModelStructure, config: DeltaConfig, targets: list[str]) -> list[str]:
-        bypassed = find_bypassed(structure.model, targets, structure.tree, structure.modules)
+        bypassed = find_bypassed(structure, targets)
         if not bypassed:
             return targets
         path, reader = next(iter(bypassed.items()))

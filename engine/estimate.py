@@ -50,9 +50,14 @@ def _bytes(module: nn.Module, skip: set[int]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def estimate_delta(model: nn.Module, config: DeltaConfig, tree: ModuleTree | None = None) -> DeltaEstimate:
-    """Plan ``config`` on ``model`` and count its trainable parameters exactly, nothing attached."""
-    structure = ModelStructure(model, tree)
+def estimate_delta(model: nn.Module, config: DeltaConfig, tree: ModuleTree | None = None, *,
+                   structure: ModelStructure | None = None) -> DeltaEstimate:
+    """Plan ``config`` on ``model`` and count its trainable parameters exactly, nothing attached.
+
+    A caller that plans many deltas on a model nothing is attached to (the designer's planning
+    copy) may pass one ``structure`` for all of them: roles and probe results are then reused.
+    """
+    structure = structure if structure is not None else ModelStructure(model, tree)
     method = method_for(config.delta_type)
     targets = method.plan(model, config, structure=structure)
     variants = method.variants(structure, config, targets)

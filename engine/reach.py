@@ -16,7 +16,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch.overrides import TorchFunctionMode
 from engine.locking import model_lock
 from engine.probe import ProbeComplete, in_probing_thread, run_pseudo_passes
 from engine.tree import ModuleTree
+
+if TYPE_CHECKING:
+    from engine.roles import ModelStructure
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
@@ -60,15 +63,34 @@ def _tensor_arguments(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
             yield from (v for v in value if isinstance(v, torch.Tensor))
 
 
-def find_bypassed(model: nn.Module, paths: list[str], tree: ModuleTree,
-                  modules: dict[str, nn.Module]) -> dict[str, str]:
-    """Targets whose weights the model reads without calling them: path → what reads them."""
-    if not paths:
-        return {}
+def find_bypassed(structure: ModelStructure, paths: list[str]) -> dict[str, str]:
+    """Targets whose weights the model reads without calling them: path → what reads them.
+
+    What one pass learnt about a kind of module is kept on ``structure`` (which lives as long as
+    the operation — or, for a model nothing is attached to, as the designer's planning copy), so
+    repeated plans on one structure probe only kinds not seen before.
+    """
+    model, tree, modules = structure.model, structure.tree, structure.modules
     groups: dict[tuple[str, int], list[str]] = {}
     for path in paths:
         groups.setdefault(_kind(path, tree), []).append(path)
-    watched = {members[0]: modules[members[0]] for members in groups.values()}
+    known = structure.reach
+    unseen = {kind: members[0] for kind, members in groups.items() if kind not in known}
+    if unseen:
+        readers = _probe(model, list(unseen.values()), modules)
+        for kind, path in unseen.items():
+            known[kind] = readers.get(path)
+    bypassed: dict[str, str] = {}
+    for kind, members in groups.items():
+        if known[kind] is not None:
+            bypassed.update(dict.fromkeys(members, known[kind]))
+    return bypassed
+
+
+def _probe(model: nn.Module, representatives: list[str], modules: dict[str, nn.Module]) -> dict[str, str]:
+    """One pass watching ``representatives``: each that never ran although code outside its
+    owners used its parameters → the name of the function that used them."""
+    watched = {path: modules[path] for path in representatives}
     owner_of = {id(p): path for path, module in watched.items() for p in module.parameters(recurse=False)}
     if not owner_of:
         return {}
@@ -106,9 +128,4 @@ def find_bypassed(model: nn.Module, paths: list[str], tree: ModuleTree,
         finally:
             for handle in handles:
                 handle.remove()
-    bypassed: dict[str, str] = {}
-    for members in groups.values():
-        reader = reads.reads.get(members[0])
-        if members[0] not in fired and reader is not None:
-            bypassed.update(dict.fromkeys(members, reader))
-    return bypassed
+    return {path: reader for path, reader in reads.reads.items() if path not in fired}

@@ -69,6 +69,8 @@ class ModelStructure:
         self._tree = tree
         self._modules: dict[str, nn.Module] | None = None
         self._roles: Roles | None = None
+        #: what pseudo passes learnt about kinds of modules (see ``engine.reach``)
+        self.reach: dict[Any, str | None] = {}
 
     @classmethod
     def of(cls, target: nn.Module | ModelStructure) -> ModelStructure:

@@ -125,9 +125,9 @@ def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
     modules = {path: module for path, module in every.items() if not inside_delta(path, every)}
     roles = Roles()
     layers = layer_paths(tree)
-    for layer in layers:
+    for layer, inside in _by_layer(layers, modules).items():
         roles.add("layers", layer)
-        _classify_layer(layer, modules, roles)
+        _classify_layer(layer, inside, roles)
     _add_towers(layers, roles)
     if not layers:  # one layer in this config, or layers shared (ALBERT): read the whole model
         _classify_layer("", modules, roles)
@@ -153,7 +153,22 @@ def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
     return roles
 
 
+def _by_layer(layers: list[str], modules: dict[str, nn.Module]) -> dict[str, dict[str, nn.Module]]:
+    """Each layer's own modules (itself included), found in one pass over the model: layers
+    never nest, so a path belongs to the layer that is one of its prefixes."""
+    grouped: dict[str, dict[str, nn.Module]] = {layer: {} for layer in layers}
+    for path, module in modules.items():
+        parts = path.split(".")
+        for end in range(1, len(parts) + 1):
+            owner = grouped.get(".".join(parts[:end]))
+            if owner is not None:
+                owner[path] = module
+                break
+    return grouped
+
+
 def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> None:
+    """Roles inside one layer; ``modules`` holds the layer's modules (or, for ``""``, all)."""
     prefix = layer + "." if layer else ""
     # the layer itself counts: XLM keeps its attention blocks in their own list (``attentions.3``)
     inside = [p for p in modules if p and (p == layer or p.startswith(prefix))]
