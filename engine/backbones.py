@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.catalog import CATALOG, CatalogEntry
+from engine.catalog import CATALOG, CatalogEntry, thawed
 from engine.errors import (
     BackboneError,
     BackboneNotFoundError,
@@ -143,7 +143,7 @@ def catalog_config(entry: CatalogEntry) -> Any:
     """The transformers configuration of a catalog entry."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(entry.model_type, **entry.config)
+    return AutoConfig.for_model(entry.model_type, **thawed(entry.config))
 
 
 def list_architectures() -> list[str]:

@@ -7,16 +7,17 @@ parameter count, so the catalog is checked against reality by the tests.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-_LLAMA3_ROPE = {
+_LLAMA3_ROPE = MappingProxyType({
     "rope_type": "llama3",
     "rope_theta": 500000.0,
     "factor": 8.0,
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
-}
+})
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class CatalogEntry:
     description: str = ""
 
 
-CATALOG: dict[str, CatalogEntry] = {
+CATALOG: MappingProxyType[str, CatalogEntry] = MappingProxyType({
     entry.name: entry
     for entry in [
         CatalogEntry(
@@ -212,4 +213,14 @@ CATALOG: dict[str, CatalogEntry] = {
             "CLIP ViT-B/32 image-text dual encoder",
         ),
     ]
-}
+})
+
+
+def thawed(value: Any) -> Any:
+    """A fresh, mutable deep copy of a catalog value (configurations may be changed by whoever
+    builds from them; the catalog itself never is)."""
+    if isinstance(value, (dict, MappingProxyType)):
+        return {key: thawed(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(thawed(item) for item in value)
+    return value

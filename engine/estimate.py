@@ -19,6 +19,7 @@ from torch import nn
 
 from engine.config import DeltaConfig
 from engine.errors import ConfigError
+from engine.locking import model_lock
 from engine.registry import method_for
 from engine.roles import ModelStructure
 from engine.tree import ModuleTree
@@ -57,7 +58,11 @@ def estimate_delta(model: nn.Module, config: DeltaConfig, tree: ModuleTree | Non
     A caller that plans many deltas on a model nothing is attached to (the designer's planning
     copy) may pass one ``structure`` for all of them: roles and probe results are then reused.
     """
-    structure = structure if structure is not None else ModelStructure(model, tree)
+    with model_lock(model):  # planning reads the module tree another thread may be attaching to
+        return _estimate(model, config, structure if structure is not None else ModelStructure(model, tree))
+
+
+def _estimate(model: nn.Module, config: DeltaConfig, structure: ModelStructure) -> DeltaEstimate:
     method = method_for(config.delta_type)
     targets = method.plan(model, config, structure=structure)
     variants = method.variants(structure, config, targets)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -135,7 +136,7 @@ def _scaled(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return base if delta is None else base * delta
 
 
-COMBINE = {"add": _added, "multiply": _scaled}
+COMBINE = MappingProxyType({"add": _added, "multiply": _scaled})
 
 
 def attach_route(

@@ -12,6 +12,7 @@ Norms, input embeddings and the output head come from class names and the model'
 from __future__ import annotations
 
 import re
+from types import MappingProxyType
 from dataclasses import dataclass, field
 
 import torch
@@ -34,11 +35,11 @@ _GATE = re.compile(r"(gate|wi_0|^w1$)", re.I)
 #: names of square feed-forward projections, which dataflow alone cannot place
 _WRITES_BACK = re.compile(r"^(down|down_proj|w2|fc2|wo|c_proj|dense_4h_to_h|fc_out|out_proj)$", re.I)
 _READS = re.compile(r"^(up|up_proj|w1|w3|fc1|wi|wi_0|wi_1|c_fc|dense_h_to_4h|fc_in|gate|gate_proj)$", re.I)
-_NAMED = {"attn.q": _Q, "attn.k": _K, "attn.v": _V, "attn.qkv": _QKV, "attn.o": _O}
+_NAMED = MappingProxyType({"attn.q": _Q, "attn.k": _K, "attn.v": _V, "attn.qkv": _QKV, "attn.o": _O})
 #: a narrowing layer this small scores or gates (a router's, a shared expert's gate), it does not project
 _MIN_PROJECTION_WIDTH = 8
 
-LABELS = {
+LABELS = MappingProxyType({
     "attn": "attention block", "cross_attn": "cross-attention block", "attn.q": "query projection",
     "attn.k": "key projection", "attn.v": "value projection", "attn.qkv": "fused q, k, v projection",
     "attn.o": "attention output projection", "ff": "feed-forward block", "ff.w1": "feed-forward up-projection",
@@ -47,7 +48,7 @@ LABELS = {
     "moe": "mixture-of-experts block", "moe.experts": "mixture-of-experts experts (fused parameters)",
     "layers": "repeated layer", "tower.vision": "vision tower", "tower.text": "text tower",
     "tower.audio": "audio tower",
-}
+})
 
 
 @dataclass

@@ -3,7 +3,7 @@ working defaults on architectures the table has never heard of."""
 
 import pytest
 
-from engine import AutoDeltaModel, ConfigError, ModuleTree, load_backbone, resolve
+from engine import AutoDeltaModel, ConfigError, ModuleTree, build_on_meta, load_backbone, resolve
 from engine.roles import infer_roles
 from engine.roles import COMMON_NAME_MAP, expand_common_names
 
@@ -148,3 +148,45 @@ def test_multimodal_towers_are_found(source, vision, text):
     assert roles.by_role["tower.vision"] == [vision] and roles.by_role["tower.text"] == [text]
     assert roles.label(vision) == "vision tower"
     assert "tower.vision" not in infer_roles(load_backbone("arch:bert").model).by_role
+
+
+def _meta(model_type: str, **sizes):
+    from transformers import AutoConfig
+
+    return build_on_meta(AutoConfig.for_model(model_type, **sizes))
+
+
+def test_deepseek_v3_shared_experts_narrower_than_the_residual_are_read_by_dataflow():
+    # the shared experts' width (2 × 24 = 48) is below the hidden size (64): a width rule inverts them
+    model = _meta("deepseek_v3", hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
+                  n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2, num_hidden_layers=3,
+                  first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+                  kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, vocab_size=99)
+    roles = infer_roles(model).by_role
+    layer = "layers.1.mlp.shared_experts"
+    assert f"{layer}.gate_proj" in roles["ff.gate"] and f"{layer}.up_proj" in roles["ff.w1"]
+    assert f"{layer}.down_proj" in roles["ff.w2"]
+    assert not any("shared_experts.gate_proj" in p or "shared_experts.up_proj" in p for p in roles["ff.w2"])
+    assert "layers.0.mlp.down_proj" in roles["ff.w2"]  # the dense first layer
+    assert roles["moe.experts"] == ["layers.1.mlp.experts", "layers.2.mlp.experts"]
+    assert not any(p.endswith("mlp.gate") for r in ("ff.w1", "ff.w2", "ff.gate") for p in roles[r])  # the router
+
+
+def test_qwen3_moe_router_and_experts():
+    model = _meta("qwen3_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_experts=8,
+                  num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, vocab_size=99)
+    roles = infer_roles(model).by_role
+    assert roles["moe.experts"] == ["layers.0.mlp.experts", "layers.1.mlp.experts"]
+    assert roles["moe"] == ["layers.0.mlp", "layers.1.mlp"]
+    assert "ff.w2" not in roles and "ff.w1" not in roles  # the router is no projection
+    assert roles["attn.q"] == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("intermediate", [16, 32, 128])
+def test_a_feed_forward_narrower_than_the_residual_keeps_its_roles(intermediate):
+    model = _meta("llama", hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=99)
+    roles = infer_roles(model).by_role
+    for role, name in (("ff.gate", "gate_proj"), ("ff.w1", "up_proj"), ("ff.w2", "down_proj")):
+        assert roles[role] == [f"layers.{i}.mlp.{name}" for i in range(2)], (intermediate, role)
