@@ -27,11 +27,16 @@ from engine import LoraModel
 GLOBAL_BATCH, LENGTH, VOCAB = 8, 12, 99
 
 
-def backbone() -> transformers.PreTrainedModel:
+def backbone(dtype: torch.dtype) -> transformers.PreTrainedModel:
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64))
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)).to(dtype)
+
+
+def next_token_loss(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The causal LM loss, in the model's own dtype (transformers' takes it in float32)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
 
 
 def batches(steps: int) -> list[torch.Tensor]:
@@ -46,13 +51,15 @@ def main() -> None:
     parser.add_argument("--mode", choices=["single", "ddp", "fsdp"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="float64 lets a comparison with a single process tell rounding from a bug")
     options = parser.parse_args()
     distributed = options.mode != "single"
     if distributed:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
-    model = backbone()
+    model = backbone(getattr(torch, options.dtype))
     delta = LoraModel(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], lora_r=4)
     delta.freeze_module(exclude=["deltas"])
     runner: torch.nn.Module = model
@@ -71,7 +78,7 @@ def main() -> None:
     share = GLOBAL_BATCH // world
     for batch in batches(options.steps):
         rows = batch[rank * share:(rank + 1) * share]
-        loss = runner(input_ids=rows, labels=rows).loss
+        loss = next_token_loss(runner(input_ids=rows).logits, rows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with_gradients = {id(p) for p in model.parameters() if p.grad is not None}

@@ -43,8 +43,11 @@ class LoraLayer(DeltaModule):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.merged:
             return None  # the update lives in the backbone weight
+        return self._lora(self.dropout(hidden))
+
+    def _lora(self, dropped: torch.Tensor) -> torch.Tensor:
         # scaling the rank-r intermediate costs out/r times less than scaling the output
-        return self.lora_B(self.lora_A(self.dropout(hidden)) * self.scaling)
+        return self.lora_B(self.lora_A(dropped) * self.scaling)
 
     @property
     def dora(self) -> bool:
@@ -71,12 +74,24 @@ class LoraLayer(DeltaModule):
         return self.lora_magnitude_vector / norm
 
     def dora_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: torch.Tensor) -> Any:
-        """scale ⊙ (W x + ΔW x) + b, written so that scale = 1 returns ``output`` exactly."""
+        """scale ⊙ (W x + ΔW x) + b, written so that scale = 1 returns ``output`` exactly.
+
+        With dropout active (training), both the update and the rescaled base read the dropped
+        input, as PEFT's DoRA does: output + (scale - 1)·W·drop(x) + scale·ΔW·drop(x).
+        """
         if self.merged:
             return output
-        lora = run_delta(self, first_tensor(args, kwargs), output)
+        hidden = first_tensor(args, kwargs)
         scale = self.dora_scale(module).to(output.dtype)
-        base = output - module.bias if module.bias is not None else output
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            dtype = self.lora_A.weight.dtype
+            dropped = self.dropout(hidden.to(dtype))
+            lora = self._lora(dropped).to(output.dtype)
+            weight = self._base(module)
+            base = F.linear(dropped.to(weight.dtype), weight).to(output.dtype)
+        else:
+            lora = run_delta(self, hidden, output)
+            base = output - module.bias if module.bias is not None else output
         # two fused passes over the output: output + (scale - 1)·base, then + scale·lora in place
         return torch.addcmul(output, base, scale - 1).addcmul_(lora, scale)
 

@@ -298,8 +298,7 @@ class PrefixModel(DeltaBase):
     def fold(self) -> PrefixModel:
         """Replace the shared MLP by the plain prefixes it computes now (same outputs, fewer
         parameters, no MLP to run); the config becomes ``reparameterize=False``."""
-        shared = self.shared_modules.get("reparameterization") if "reparameterization" in self.shared_modules else None
-        if shared is None:
+        if "reparameterization" not in self.shared_modules:
             raise DeltaStateError("this prefix delta has no reparameterization to fold (reparameterize=False)")
         with model_lock(self.backbone_model), torch.no_grad():
             for path in self.modified_paths:

@@ -74,10 +74,17 @@ def test_training_lowers_the_loss_and_changes_only_delta_tensors(method, kind):
     assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
 
 
+def hook_counts(model) -> dict[str, tuple[int, int, int]]:
+    """Every module's forward hooks, pre-hooks and attention config (prefix): what wiring changes."""
+    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks), id(getattr(m, "config", None)))
+            for name, m in model.named_modules()}
+
+
 @pytest.mark.parametrize("method, kind", MATRIX)
 def test_detach_restores_exact_outputs_and_attach_restores_the_delta(method, kind):
     model, inputs = tiny_model(kind), tiny_inputs(kind)
     original = output(model, inputs)
+    wiring = hook_counts(model)
     delta = build(method, model)
     perturb(delta)
     with_delta = output(model, inputs)
@@ -85,8 +92,26 @@ def test_detach_restores_exact_outputs_and_attach_restores_the_delta(method, kin
     delta.detach()
     assert torch.equal(output(model, inputs), original)
     assert not any(getattr(m, "is_delta_module", False) for m in model.modules())
+    assert hook_counts(model) == wiring, "detach must remove every hook it added"
     delta.attach()
     assert torch.equal(output(model, inputs), with_delta)
+
+
+ROUTED = [(m, r) for m in METHODS for r in method_for(m).config_class.routes if len(method_for(m).config_class.routes) > 1]
+
+
+@pytest.mark.parametrize("method, route", ROUTED)
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_every_route_changes_the_output_and_detaches_without_a_trace(method, route, kind):
+    model, inputs = tiny_model(kind), tiny_inputs(kind)
+    original, wiring = output(model, inputs), hook_counts(model)
+    # the tiny FFN width (37) is prime: compacter's hypercomplex blocks go on the 32-wide attention output
+    delta = build(method, model, route=route, **({"modified_modules": ["attn.o"]} if method == "compacter" else {}))
+    perturb(delta)
+    assert not torch.equal(output(model, inputs), original)
+    delta.detach()
+    assert hook_counts(model) == wiring
+    assert torch.equal(output(model, inputs), original)
 
 
 @pytest.mark.parametrize("kind", KINDS)

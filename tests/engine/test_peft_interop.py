@@ -23,23 +23,32 @@ EXPORTS = [
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name, options", EXPORTS)
 def test_exported_deltas_load_in_peft_with_the_same_outputs_and_come_back_exactly(kind, name, options, tmp_path):
-    model, inputs = tiny_model(kind), tiny_inputs(kind)
+    model, inputs = tiny_model(kind, dtype=torch.float64), tiny_inputs(kind)
     delta = method_for(name)(model, **options)
     perturb(delta)
     ours = output(model, inputs)
     export_peft(delta, tmp_path, base_model_name_or_path=f"tiny-{kind}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    peft_model = PeftModel.from_pretrained(tiny_model(kind), tmp_path).eval()
+    peft_model = PeftModel.from_pretrained(tiny_model(kind, dtype=torch.float64), tmp_path).eval()
+    if name == "soft_prompt":  # PEFT loads the prompt into a float32 table: the file's values, rounded
+        prompt = peft_model.prompt_encoder.default.embedding.weight
+        exact = next(iter(delta.delta_modules.values())).soft_embeds.detach()
+        assert torch.equal(prompt, exact.float())
+        peft_model.prompt_encoder.double()
+        with torch.no_grad():
+            peft_model.prompt_encoder.default.embedding.weight.copy_(exact)
     with torch.no_grad():
         theirs = main_tensor(peft_model(**inputs))
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
-    back = import_peft(tmp_path, tiny_model(kind))
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-10)
+    back = import_peft(tmp_path, tiny_model(kind, dtype=torch.float64))
     assert back.delta_type == name
     assert torch.equal(output(back.backbone_model, inputs), ours)
 
 
 def _peft_trained(kind, config, tmp_path):
-    peft_model = get_peft_model(tiny_model(kind), config)
+    peft_model = get_peft_model(tiny_model(kind, dtype=torch.float64), config)
+    if isinstance(config, PromptTuningConfig):
+        peft_model.prompt_encoder.double()
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
@@ -63,8 +72,8 @@ def test_adapters_made_by_peft_import_with_the_same_outputs(kind, config, tmp_pa
     inputs = tiny_inputs(kind)
     with torch.no_grad():
         theirs = main_tensor(peft_model(**inputs))
-    delta = import_peft(tmp_path, tiny_model(kind))
-    torch.testing.assert_close(output(delta.backbone_model, inputs), theirs, rtol=0, atol=1e-5)
+    delta = import_peft(tmp_path, tiny_model(kind, dtype=torch.float64))
+    torch.testing.assert_close(output(delta.backbone_model, inputs), theirs, rtol=0, atol=1e-10)
 
 
 def test_all_linear_with_a_rank_pattern_becomes_readable_expressions(tmp_path):

@@ -31,13 +31,16 @@ TINY_CLASSES = {
 }
 
 
-def tiny_model(kind: str, seed: int = 0, attention: str | None = None) -> nn.Module:
-    """The same weights for the same (kind, seed), in eval mode; ``attention`` picks eager/sdpa."""
+def tiny_model(kind: str, seed: int = 0, attention: str | None = None,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The same weights for the same (kind, seed), in eval mode; ``attention`` picks eager/sdpa.
+    Tests that compare two computations use ``dtype=torch.float64`` with a tolerance of 1e-10,
+    so rounding never hides a bug."""
     torch.manual_seed(seed)
     config = TINY_CONFIGS[kind]()
     if attention is not None:
         config._attn_implementation = attention
-    return TINY_CLASSES[kind](config).eval()
+    return TINY_CLASSES[kind](config).eval().to(dtype)
 
 
 def tiny_inputs(kind: str, seed: int = 1) -> dict[str, torch.Tensor]:
