@@ -1,0 +1,71 @@
+"""Plant known bugs one at a time, run the tests that guard each, and report whether they caught it.
+
+    .venv/bin/python tests/plant_bugs.py            # every bug
+    .venv/bin/python tests/plant_bugs.py "rsLoRA ignored"
+
+A test suite that lets one of these through cannot be trusted with that path. Each bug is a one-line
+edit of the engine, undone afterwards whatever happens. Not collected by pytest (a tool, not a test).
+"""
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+#: (name, file, text, planted text, tests that must catch it)
+MUTANTS = [
+ ("rsLoRA ignored", "engine/methods/lora.py",
+  "return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank", "return alpha / rank",
+  ["tests/engine/test_against_peft.py", "tests/engine/test_more_methods.py"]),
+ ("scaling squared", "engine/methods/lora_layers.py",
+  "return self.lora_B(self.lora_A(dropped) * self.scaling)", "return self.lora_B(self.lora_A(dropped) * self.scaling * self.scaling)",
+  ["tests/engine/test_against_peft.py", "tests/engine/test_delta_behaviour.py"]),
+ ("dropout moved to the output", "engine/methods/lora_layers.py",
+  "        return self._lora(self.dropout(hidden))\n", "        return self.dropout(self._lora(hidden))\n",
+  ["tests/engine/test_against_peft.py"]),
+ ("DoRA norm not detached", "engine/methods/lora_layers.py",
+  "        with torch.no_grad():\n            update = self.update()", "        if True:\n            update = self.update()",
+  ["tests/engine/test_against_peft.py"]),
+ ("a detach that leaves one hook", "engine/routing.py",
+  "        for handle in self.handles:\n            handle.remove()", "        for handle in self.handles[:1]:\n            handle.remove()",
+  ["tests/engine/test_delta_matrix.py"]),
+ ("a save that drops one tensor", "engine/persistence.py",
+  "    state = {key: _gathered(tensor) for key, tensor in checkpoint_state(delta).items()}",
+  "    state = {key: _gathered(tensor) for key, tensor in list(checkpoint_state(delta).items())[:-1]}",
+  ["tests/engine/test_delta_matrix.py", "tests/engine/test_safety.py"]),
+ ("a save that drops the unfrozen modules", "engine/persistence.py",
+  "    return {**delta.delta_state(),\n            **{BACKBONE_PREFIX",
+  "    return {**delta.delta_state(), **{}}\n    return {**delta.delta_state(),\n            **{BACKBONE_PREFIX",
+  ["tests/engine/test_safety.py"]),
+ ("dropout left in train mode after load", "engine/persistence.py",
+  "    backbone.eval()\n", "    pass\n",
+  ["tests/engine/test_safety.py"]),
+ ("attach ignores the backbone's mode", "engine/delta.py",
+  "            self.train(self.backbone_model.training)\n", "",
+  ["tests/engine/test_safety.py"]),
+ ("expert LoRA update off by 0.01 %", "engine/methods/lora_layers.py",
+  "        return type(module).forward(_with_parameters(module, weights), *args, **kwargs)",
+  "        return type(module).forward(_with_parameters(module, weights), *args, **kwargs) * 1.0001",
+  ["tests/engine/test_threads.py", "tests/engine/test_experts_and_fallbacks.py"]),
+]
+
+
+def main() -> None:
+    only = sys.argv[1:]
+    for name, path, old, new, tests in MUTANTS:
+        if only and name not in only:
+            continue
+        file = ROOT / path
+        original = file.read_text()
+        assert old in original, (name, old)
+        file.write_text(original.replace(old, new, 1))
+        try:
+            done = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=900)
+            tail = [l for l in done.stdout.splitlines() if l.startswith("FAILED")][:1]
+            print(f"{name:45s} {'CAUGHT' if done.returncode else 'MISSED'} {tail[0] if tail else ''}", flush=True)
+        finally:
+            file.write_text(original)
+
+
+if __name__ == "__main__":
+    main()
