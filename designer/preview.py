@@ -6,6 +6,7 @@ recomputes the group it changed.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
@@ -28,17 +29,24 @@ UNFREEZE = "unfreeze"
 
 
 class _LRU:
+    """A bounded memo shared by every session on one backbone; its lock guards the dict (the
+    computation runs outside it, so one slow estimate never blocks other sessions' hits)."""
+
     def __init__(self, size: int = 512) -> None:
         self.size, self.items = size, OrderedDict()  # type: int, OrderedDict[Hashable, Any]
+        self._lock = threading.Lock()
 
     def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
+        with self._lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
         value = compute()
-        self.items[key] = value
-        if len(self.items) > self.size:
-            self.items.popitem(last=False)
+        with self._lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
         return value
 
 

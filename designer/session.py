@@ -232,8 +232,11 @@ class DesignSession:
         """Replace the groups by an imported design; its recorded modules must still match."""
         with self.lock:
             loaded, _ = self.require()
-            applied = design.apply(loaded.twin)  # checks resolved_modules, raises on mismatch
-            applied.detach()
+            unfrozen_paths: list[str] = []
+            if design.deltas or design.unfrozen_modules:  # an empty design clears the page
+                applied = design.apply(loaded.twin)  # checks resolved_modules, raises on mismatch
+                applied.detach()
+                unfrozen_paths = applied.unfrozen_paths
             groups = []
             for index, config in enumerate(design.deltas, start=1):
                 selection = resolve(loaded.twin_tree, expand_common_names(
@@ -246,8 +249,7 @@ class DesignSession:
             self._counter += len(groups)
             if design.unfrozen_modules:
                 self._counter += 1
-                groups.append(Group(f"g{self._counter}", "unfrozen", UNFREEZE, None, {},
-                                    applied.unfrozen_paths))
+                groups.append(Group(f"g{self._counter}", "unfrozen", UNFREEZE, None, {}, unfrozen_paths))
             self.groups = groups
             self.active = groups[0].id if groups else None
             self._commit()

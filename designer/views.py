@@ -109,7 +109,7 @@ def build() -> Response:
         try:
             built_tree = ModuleTree.from_model(model).collapse().to_dict()
             trainable = applied.num_trainable_parameters()
-            per_delta = {d.name: d.num_trainable_parameters() for d in applied.deltas}
+            per_delta = {d.name: d.own_trainable_parameters() for d in applied.deltas}
         finally:
             applied.detach()
             for name, parameter in model.named_parameters():

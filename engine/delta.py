@@ -30,7 +30,7 @@ from engine.roles.kinds import mixture_sizes
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import probe_sizes
 from engine.targets import inside_delta
-from engine.tree import ModuleTree, all_modules
+from engine.tree import ModuleTree
 from engine.visualize import Visualization
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,9 @@ class DeltaBase(nn.Module):
                     self.check_module(path, modules[path])
                 self.modified_paths = list(paths)
             self.planned_paths = list(planned) if planned is not None else list(self.modified_paths)
+            #: the modules this delta wraps (these objects: a module later put at the same path is
+            #: not one the delta was sized for)
+            self._targets = {path: modules[path] for path in self.modified_paths}
             built = self.build_deltas({p: modules[p] for p in self.modified_paths})
             self.delta_modules = nn.ModuleDict({_key(p): built[p] for p in self.modified_paths})
             if attach:
@@ -266,8 +269,7 @@ class DeltaBase(nn.Module):
         return self._attached
 
     def _modules_by_path(self) -> dict[str, nn.Module]:
-        modules = all_modules(self.backbone_model)
-        return {path: modules[path] for path in self.modified_paths}
+        return dict(self._targets)
 
     def attach(self) -> DeltaBase:
         """Insert the delta modules and hook them in; they run after deltas attached earlier.
@@ -285,7 +287,9 @@ class DeltaBase(nn.Module):
                     f"{taken[0]!r} already has a submodule named {self.name!r} (another delta?); "
                     "give this delta another name, e.g. name='lora_task_b'"
                 )
-            self.train(self.backbone_model.training)
+            mode = self.backbone_model.training
+            if any(layer.training != mode for layer in self.delta_modules.values()):
+                self.train(mode)
             for path, module in targets.items():
                 delta = self.delta_modules[_key(path)]
                 module.add_module(self.name, delta)
@@ -380,11 +384,14 @@ class DeltaBase(nn.Module):
         """Backbone parameter name → parameter, for the trainable ones in this delta's unfrozen modules."""
         return persistence.unfrozen_parameters(self)
 
+    def own_trainable_parameters(self) -> int:
+        """Trainable parameters of the delta itself: per module plus shared (no backbone ones)."""
+        return sum(self.trainable_parameters_by_module().values()) + self.shared_trainable_parameters()
+
     def num_trainable_parameters(self) -> int:
         """Everything that trains with this delta: its own parameters and its unfrozen backbone
         modules' (exact on meta backbones too)."""
-        own = sum(self.trainable_parameters_by_module().values()) + self.shared_trainable_parameters()
-        return own + sum(p.numel() for p in self.unfrozen_backbone_parameters().values())
+        return self.own_trainable_parameters() + sum(p.numel() for p in self.unfrozen_backbone_parameters().values())
 
     def num_delta_parameters(self) -> int:
         """All parameters of this delta, trainable or not."""

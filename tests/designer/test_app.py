@@ -140,3 +140,34 @@ def test_serving_beyond_loopback_requires_a_printed_token(monkeypatch, capsys, t
     assert f"http://0.0.0.0:5123/?token={token}" in capsys.readouterr().out
     main(["serve", "--backbone", "catalog:gpt2", "--workspace", str(tmp_path)])
     assert seen["app"].config["TOKEN"] is None and seen["host"] == "127.0.0.1"
+
+
+def test_building_an_empty_design_is_an_error_not_the_whole_backbone(client):
+    client.get("/")
+    response = client.post("/api/design/build", data="{}", content_type="application/json")
+    assert response.status_code == 400
+    body = response.get_json()
+    assert body["type"] == "ConfigError" and "no delta and unfreezes no module" in body["error"]
+
+
+def test_the_shared_preview_memo_stays_consistent_under_threads():
+    import threading
+
+    from designer.preview import _LRU
+
+    memo, barrier = _LRU(size=50), threading.Barrier(8)
+    wrong: list[tuple[int, int]] = []
+
+    def work(index: int) -> None:
+        barrier.wait()
+        for key in range(400):
+            value = memo.get(key % 120, lambda k=key % 120: k * 7)
+            if value != (key % 120) * 7:
+                wrong.append((key, value))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong and len(memo.items) == 50

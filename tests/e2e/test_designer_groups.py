@@ -159,3 +159,10 @@ def test_fused_moe_experts_are_labelled_and_selectable(designer: Page):
     expect(group(page).locator("[data-expressions]")).to_have_attribute("data-expressions", "experts")
     # LoRA r=8 on 32 layers × 8 experts × (gate_up (28672 × 4096) + down (4096 × 14336))
     assert number(page, "[data-total-trainable]") == 32 * 8 * 8 * ((28672 + 4096) + (4096 + 14336))
+
+
+def test_building_an_empty_design_shows_why_at_the_build_button(designer: Page):
+    page = designer
+    page.click("[data-build]")
+    expect(page.locator('[data-error="build"]')).to_contain_text("no delta and unfreezes no module")
+    expect(page.locator("[data-build-result]")).not_to_have_attribute("data-build-trainable", "22713216")

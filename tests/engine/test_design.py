@@ -27,7 +27,7 @@ def test_design_builds_several_deltas_and_unfreezes_modules_with_exact_counts():
     applied = Design.from_dict(DOCUMENT).apply(model)
     lora, adapter, bitfit = applied.deltas
     pooler = 768 * 768 + 768
-    own = {d.name: sum(d.trainable_parameters_by_module().values()) for d in applied.deltas}
+    own = {d.name: d.own_trainable_parameters() for d in applied.deltas}
     assert own == {"lora_qv": 294_912, "adapter_ff": 12 * (768 * 16 + 16 + 16 * 768 + 768),
                    "bitfit_ln": 25 * 768}  # bitfit: 2 per layer + embeddings
     # each delta trains (and would save) the unfrozen pooler with it
@@ -106,4 +106,4 @@ def test_exporting_counts_agree_with_building_and_never_touch_the_model():
     assert exported["totals"]["trainable_parameters"] == applied.num_trainable_parameters()
     for entry, delta in zip(exported["deltas"], applied.deltas):
         assert entry["resolved_modules"] == delta.modified_paths
-        assert entry["trainable_parameters"] == sum(delta.trainable_parameters_by_module().values())
+        assert entry["trainable_parameters"] == delta.own_trainable_parameters()
