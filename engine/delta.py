@@ -9,9 +9,8 @@ counting, logging and checkpoints.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -20,20 +19,16 @@ from torch import nn
 from engine import persistence
 from engine.addressing import resolve
 from engine.config import DeltaConfig
-from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
+from engine.errors import ConfigError, DeltaStateError
 from engine.layers import DeltaModule
 from engine.locking import model_lock
+from engine.planning import Planning
 from engine.probe import module_device_dtype
-from engine.reach import find_bypassed
-from engine.roles import IOSizes, ModelStructure, declared_sizes, default_positions, expand_common_names
+from engine.roles import IOSizes, ModelStructure, declared_sizes, expand_common_names
 from engine.roles.kinds import mixture_sizes
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import probe_sizes
-from engine.targets import inside_delta
-from engine.tree import ModuleTree
 from engine.visualize import Visualization
-
-logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -43,16 +38,9 @@ def _key(path: str) -> str:
     return path.replace(".", "/")
 
 
-class DeltaBase(nn.Module):
-    """A delta method applied to one backbone (OpenDelta's ``DeltaBase``)."""
-
-    config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
-    #: Common names used when ``modified_modules`` is not given.
-    default_modified_modules: ClassVar[list[str]] = []
-    #: Module types a delta can wrap (class names, so optional libraries need not be imported).
-    supported_modules: ClassVar[tuple[str, ...]] = ()
-    #: Whether the delta runs in its targets' forward (so a target the model bypasses is refused).
-    hooks_target_forward: ClassVar[bool] = True
+class DeltaBase(Planning, nn.Module):
+    """A delta method applied to one backbone (OpenDelta's ``DeltaBase``). Where it goes is planned
+    by :class:`~engine.planning.Planning`; this class builds, wires, freezes, counts and saves."""
 
     def __init__(
         self,
@@ -64,13 +52,15 @@ class DeltaBase(nn.Module):
         attach: bool = True,
         paths: list[str] | None = None,
         planned: list[str] | None = None,
+        structure: ModelStructure | None = None,
         **hyperparameters: Any,
     ) -> None:
         """Resolve where the delta goes, build one delta module per target, attach (unless told not).
 
         ``paths`` gives already planned target paths (see :meth:`plan`), skipping resolution;
         ``planned`` the whole planned set when only some of it is built (estimates), so parts
-        shared by all targets are sized for all of them.
+        shared by all targets are sized for all of them; ``structure`` a :class:`ModelStructure` of
+        this backbone to reuse (planning tools pass theirs, so roles are inferred once).
         """
         super().__init__()
         if not isinstance(backbone_model, nn.Module):
@@ -99,7 +89,7 @@ class DeltaBase(nn.Module):
         #: modules shared by all of this delta's modules (registered inside the first of them)
         self.shared_modules = nn.ModuleDict()
         with model_lock(backbone_model):
-            structure = ModelStructure(backbone_model)
+            structure = structure if structure is not None else ModelStructure(backbone_model)
             modules = structure.modules
             if paths is None:
                 self.modified_paths = self.plan(backbone_model, config, structure=structure)
@@ -114,7 +104,9 @@ class DeltaBase(nn.Module):
             #: the modules this delta wraps (these objects: a module later put at the same path is
             #: not one the delta was sized for)
             self._targets = {path: modules[path] for path in self.modified_paths}
+            self._structure: ModelStructure | None = structure  # for build_deltas, then dropped
             built = self.build_deltas({p: modules[p] for p in self.modified_paths})
+            self._structure = None
             self.delta_modules = nn.ModuleDict({_key(p): built[p] for p in self.modified_paths})
             if attach:
                 self.attach()
@@ -128,77 +120,6 @@ class DeltaBase(nn.Module):
     @property
     def name(self) -> str:
         return str(self.config.name)
-
-    @classmethod
-    def plan(
-        cls,
-        backbone_model: nn.Module,
-        config: DeltaConfig,
-        *,
-        structure: ModelStructure | None = None,
-        tree: ModuleTree | None = None,
-    ) -> list[str]:
-        """The module paths this config modifies on ``backbone_model``, checked, nothing built.
-
-        Pass the backbone's ``tree`` (or a whole ``structure``) to reuse its addressing index
-        (the designer does). Targets the model's forward bypasses are refused by name — or, for
-        default positions, left out with a log line.
-        """
-        structure = structure if structure is not None else ModelStructure(backbone_model, tree)
-        modules = structure.modules
-        targets = cls.select_targets(cls._resolve(structure, config), modules)
-        seen: set[int] = set()  # a module shared by two paths is wrapped once, at its first path
-        targets = [p for p in targets if not (id(modules[p]) in seen or seen.add(id(modules[p])))]
-        for path in targets:
-            cls.check_module(path, modules[path])
-        if cls.hooks_target_forward:
-            targets = cls._without_bypassed(structure, config, targets)
-        return targets
-
-    @classmethod
-    def _without_bypassed(cls, structure: ModelStructure, config: DeltaConfig, targets: list[str]) -> list[str]:
-        bypassed = find_bypassed(structure, targets)
-        if not bypassed:
-            return targets
-        path, reader = next(iter(bypassed.items()))
-        reason = (f"the model never calls {path!r}; it reads its parameters directly ({reader} on "
-                  f"{path}'s weight), so a {config.delta_type} hook there would never run")
-        if config.modified_modules is not None:
-            others = [p for p in bypassed if p != path]
-            raise ModuleNotSupportedError(
-                f"{config.delta_type} cannot modify {path!r}: {reason}"
-                + (f" (the same holds for {', '.join(others[:4])}{' …' if len(others) > 4 else ''})" if others else "")
-                + "; choose modules the forward calls (`delta-designer tree` lists them)")
-        kept = [p for p in targets if p not in bypassed]
-        logger.info("default positions: left out %d module(s) the model bypasses: %s", len(bypassed), reason)
-        if not kept:
-            raise ModuleNotSupportedError(
-                f"{config.delta_type}: every default position is bypassed by the model ({reason}); "
-                "give modified_modules by hand")
-        return kept
-
-    @classmethod
-    def variants(cls, structure: ModelStructure, config: DeltaConfig, paths: list[str]) -> dict[str, Any]:
-        """Per-path settings that make identically shaped modules get different deltas (e.g. a
-        per-module rank); live estimates group modules by fingerprint *and* variant."""
-        return {}
-
-    @classmethod
-    def select_targets(cls, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
-        """The modules to modify, from what the expressions resolved to (default: as resolved)."""
-        return paths
-
-    @classmethod
-    def check_module(cls, path: str, module: nn.Module) -> None:
-        """Raise :class:`ModuleNotSupportedError` if this method cannot wrap ``module``."""
-        if cls.supported_modules and type(module).__name__ not in cls.supported_modules and not any(
-            isinstance(module, getattr(nn, n, ())) for n in cls.supported_modules
-        ):
-            raise ModuleNotSupportedError(
-                f"{cls.config_class.delta_type} cannot wrap {path!r}, a {type(module).__name__}; "
-                f"it wraps {', '.join(cls.supported_modules)} — choose those modules instead "
-                "(`delta-designer tree` shows every module's class)"
-            )
 
     def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
         """One delta module per modified module."""
@@ -225,6 +146,11 @@ class DeltaBase(nn.Module):
             sizes.update(probe_sizes(self.backbone_model, rest))
         return sizes
 
+    def structure(self) -> ModelStructure:
+        """The backbone's structure: the one planning used while the delta is being built (its
+        tree and roles computed once), a fresh one afterwards."""
+        return self._structure if self._structure is not None else ModelStructure(self.backbone_model)
+
     def placement(self, module: nn.Module) -> tuple[torch.device, torch.dtype]:
         """Device and dtype for the delta of ``module``: its device; float32 on a 16-bit backbone
         unless ``delta_dtype`` says otherwise (a bfloat16 parameter cannot hold small updates:
@@ -234,33 +160,6 @@ class DeltaBase(nn.Module):
         if choice == "float32" or not dtype.is_floating_point or (choice == "auto" and dtype in _LOW_PRECISION):
             return device, torch.float32
         return device, dtype
-
-    # --- addressing ------------------------------------------------------------------------
-
-    @classmethod
-    def _resolve(cls, structure: ModelStructure, config: DeltaConfig) -> list[str]:
-        expressions = config.modified_modules
-        if not expressions:
-            if not cls.default_modified_modules:
-                raise ConfigError(f"{config.delta_type} has no default positions; give modified_modules")
-            expressions = default_positions(structure, cls.default_modified_modules)
-        report = resolve(
-            structure.tree,
-            expand_common_names(structure, list(expressions)),
-            expand_common_names(structure, list(config.exclude_modules)),
-        )
-        if not report.paths:
-            raise ConfigError(
-                f"exclude_modules removed every module that modified_modules selected "
-                f"({', '.join(config.exclude_modules)})"
-            )
-        paths = [p for p in report.paths if not inside_delta(p, structure.modules)]
-        if not paths:
-            raise ConfigError(
-                f"modified_modules {list(expressions)} select only modules of other deltas; "
-                "a delta wraps backbone modules"
-            )
-        return paths
 
     # --- attach / detach -------------------------------------------------------------------
 

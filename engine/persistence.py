@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from engine.checkpoint import BACKBONE_PREFIX, RECORD_KEYS, listing, read_checkpoint, write_checkpoint
+from engine.checkpoint import (
+    BACKBONE_PREFIX,
+    RECORD_KEYS,
+    listing,
+    read_checkpoint,
+    write_checkpoint,
+)
 from engine.errors import CheckpointError, ConfigError, DeltaStateError
 from engine.registry import method_for
 from engine.tree import all_modules

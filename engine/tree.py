@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import nn
 
-
 GROUP_WILDCARD = "*"
 
 

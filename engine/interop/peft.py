@@ -19,7 +19,11 @@ import torch
 from torch import nn
 
 from engine.addressing import compile_selection
-from engine.checkpoint import atomic_write_bytes, atomic_write_safetensors, read_safetensors
+from engine.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_safetensors,
+    read_safetensors,
+)
 from engine.delta import DeltaBase
 from engine.errors import CheckpointError, ConfigError
 from engine.persistence import set_trainable

@@ -10,11 +10,10 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from engine.config import DeltaConfig, one_of, positive_int
-from engine.layers import DeltaModule, new_linear, zero_init
 from engine.delta import DeltaBase
+from engine.layers import DeltaModule, new_linear, zero_init
 from engine.registry import register
-from engine.roles.kinds import is_channels_first
-from engine.roles.kinds import IOSizes
+from engine.roles.kinds import IOSizes, is_channels_first
 
 ACTIVATIONS = tuple(sorted(ACT2FN))
 

@@ -16,12 +16,16 @@ import torch
 from torch import nn
 
 from engine.config import DeltaConfig
-from engine.layers import DeltaModule
-from engine.targets import descend_to
 from engine.delta import DeltaBase
+from engine.layers import DeltaModule
 from engine.registry import register
-from engine.roles.kinds import is_channels_first, is_fused_experts
-from engine.roles.kinds import IOSizes, declared_sizes
+from engine.roles.kinds import (
+    IOSizes,
+    declared_sizes,
+    is_channels_first,
+    is_fused_experts,
+)
+from engine.targets import descend_to
 
 
 @dataclass

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from engine.config import DeltaConfig, one_of, positive_int
-from engine.layers import DeltaModule
 from engine.delta import DeltaBase
-from engine.registry import register
+from engine.layers import DeltaModule
 from engine.methods.adapter import ACTIVATIONS, AdapterLayer, route_dims
+from engine.registry import register
 from engine.roles.kinds import IOSizes
 
 

@@ -14,15 +14,15 @@ from torch import nn
 
 from engine.addressing import resolve
 from engine.config import DeltaConfig, one_of, positive_int
-from engine.layers import DeltaModule
 from engine.delta import DeltaBase
 from engine.errors import ConfigError
-from engine.registry import register
+from engine.layers import DeltaModule
 from engine.methods.adapter import ACTIVATIONS, AdapterLayer
-from engine.routing import RouteHandle, attach_route
-from engine.roles.kinds import declared_sizes
-from engine.sizing import probe_sizes
+from engine.registry import register
 from engine.roles import ModelStructure, expand_common_names
+from engine.roles.kinds import declared_sizes
+from engine.routing import RouteHandle, attach_route
+from engine.sizing import probe_sizes
 from engine.tree import all_modules
 
 

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from engine.config import DeltaConfig, positive_int
-from engine.layers import DeltaModule
 from engine.delta import DeltaBase
 from engine.errors import ModuleNotSupportedError
+from engine.layers import DeltaModule
 from engine.registry import register
-from engine.routing import RouteHandle
 from engine.roles.kinds import IOSizes
+from engine.routing import RouteHandle
 
 
 @dataclass

@@ -187,7 +187,7 @@ def test_deltas_on_a_bfloat16_backbone_are_float32_and_take_small_updates():
 
 
 def test_the_bfloat16_update_is_the_float32_update_rounded_once():
-    model, inputs = tiny_model("llama").to(torch.bfloat16), tiny_inputs("llama")
+    model = tiny_model("llama").to(torch.bfloat16)
     delta = LoraModel(model, ["q_proj"], lora_r=4)
     perturb(delta)
     query = model.model.layers[0].self_attn.q_proj
