@@ -71,14 +71,24 @@ class Previewer:
 
     def trainable(self, group: Group) -> int:
         """Exact trainable parameters of a group (raises the engine's error if it cannot build)."""
+        return self._cost(group)[0]
+
+    def _cost(self, group: Group) -> tuple[int, int]:
+        """(trainable parameters, checkpoint bytes) of a group: bytes in the dtype the engine
+        really builds the delta in; an unfrozen module is saved in the backbone's dtype."""
         expressions = self.expressions(group.selection)
         if not expressions:
-            return 0
+            return 0, 0
         if group.method == UNFREEZE:
-            return module_parameters(self.loaded.twin_tree, group.selection)
+            count = module_parameters(self.loaded.twin_tree, group.selection)
+            return count, checkpoint_bytes(count, self.loaded.parameter_bytes)
         key = (group.method, group.route, json.dumps(group.hyperparameters, sort_keys=True), tuple(expressions))
-        return self._trainable.get(key, lambda: estimate_delta(
-            self.loaded.twin, group.config(expressions), structure=self.loaded.structure).total)
+
+        def estimate() -> tuple[int, int]:
+            found = estimate_delta(self.loaded.twin, group.config(expressions), structure=self.loaded.structure)
+            return found.total, found.checkpoint_bytes
+
+        return self._trainable.get(key, estimate)
 
     def marks(self, groups: list[Group]) -> dict[str, dict[str, str]]:
         """Collapsed node path → {group id: "full" | "partial"} for the groups touching it."""
@@ -100,11 +110,12 @@ class Previewer:
     def snapshot(self, groups: list[Group], dtype: str, active: str | None) -> dict[str, Any]:
         """The ``design_updated`` payload."""
         loaded = self.loaded
-        rows, total = [], 0
+        rows, total, saved = [], 0, 0
         for group in groups:
             expressions = self.expressions(group.selection)
-            trainable = self.trainable(group)
+            trainable, size = self._cost(group)
             total += trainable
+            saved += size
             rows.append({**group.public(), "expressions": expressions, "modules": len(group.selection),
                          "match_counts": self.match_counts(expressions), "trainable": trainable})
         backbone = loaded.tree.total_parameters
@@ -117,7 +128,7 @@ class Previewer:
                 "trainable": total,
                 "backbone": backbone,
                 "percent": 100.0 * total / backbone if backbone else 0.0,
-                "checkpoint_bytes": checkpoint_bytes(total),
+                "checkpoint_bytes": saved,
                 "memory": training_memory(backbone, total, dtype),
             },
             "exports": {"peft": peft_availability(groups)},

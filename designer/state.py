@@ -34,6 +34,12 @@ class LoadedBackbone:
         self.structure = ModelStructure(self.twin, self.twin_tree)
 
     @property
+    def parameter_bytes(self) -> int:
+        """Bytes of one backbone parameter (what an unfrozen module's tensors take in a checkpoint)."""
+        first = next(self.twin.parameters(), None)
+        return first.element_size() if first is not None else 4
+
+    @property
     def source(self) -> str:
         return self.backbone.source
 

@@ -20,7 +20,12 @@ from typing import Any
 import re2
 from torch import nn
 
-from engine.errors import AddressingError, InvalidExpressionError, NoMatchError, UnknownPathError
+from engine.errors import (
+    AddressingError,
+    InvalidExpressionError,
+    NoMatchError,
+    UnknownPathError,
+)
 from engine.tree import ModuleTree
 
 REGEX_PREFIX = "[r]"
@@ -169,6 +174,34 @@ def resolve(
         report.excluded[expression.text] = [tree.paths[i] for i in sorted(removed)]
     report.paths = [tree.paths[i] for i in sorted(selected)]
     return report
+
+
+def resolve_each(target: nn.Module | ModuleTree, expressions: Iterable[str]) -> list[list[str]]:
+    """Each expression's matched paths (model order), every one required to match something.
+
+    For many expressions at once (per-module rank patterns): tail names are index lookups, and all
+    regexes run in one RE2 set over the paths, so the cost grows with the model and the matches,
+    not with expressions × modules.
+    """
+    tree = as_tree(target)
+    parsed = [parse_expression(e) for e in _as_list(expressions)]
+    regexes = [e for e in parsed if e.is_regex]
+    by_regex: dict[int, list[int]] = {id(e): [] for e in regexes}
+    if regexes:
+        patterns = re2.Set.FullMatchSet(_RE2_OPTIONS)
+        for expression in regexes:
+            patterns.Add(f"(?:.*\\.)?(?:{expression.body})")
+        patterns.Compile()
+        for position, path in enumerate(tree.paths):
+            for hit in patterns.Match(path) or ():
+                by_regex[id(regexes[hit])].append(position)
+    result = []
+    for expression in parsed:
+        indices = by_regex[id(expression)] if expression.is_regex else expression.matches(tree)
+        if not indices:
+            _matches_or_raise(tree, expression)  # raises, naming the closest modules
+        result.append([tree.paths[i] for i in indices])
+    return result
 
 
 def _matches_or_raise(tree: ModuleTree, expression: Expression) -> list[int]:

@@ -73,7 +73,8 @@ def _estimate(model: nn.Module, config: DeltaConfig, structure: ModelStructure) 
     representative: dict[tuple[int, Any], str] = {}
     for path in targets:
         representative.setdefault(kind(path), path)
-    delta = method(model, config=config, attach=False, paths=list(representative.values()), planned=targets)
+    delta = method(model, config=config, attach=False, paths=list(representative.values()), planned=targets,
+                   structure=structure)
     counts = delta.trainable_parameters_by_module()
     shared_ids = {id(t) for m in delta.shared_modules.values() for t in (*m.parameters(), *m.buffers())}
     sizes = {p: _bytes(delta.delta_modules[p.replace(".", "/")], shared_ids) for p in representative.values()}

@@ -53,8 +53,9 @@ def pseudo_input_variants(model: nn.Module) -> Iterator[dict[str, Any]]:
     batch, length = 1, 4
     if main == "pixel_values":
         size = getattr(config, "image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]  # 224 or (h, w)
         channels = getattr(config, "num_channels", 3)
-        yield {"pixel_values": torch.zeros(batch, channels, size, size, device=device, dtype=dtype)}
+        yield {"pixel_values": torch.zeros(batch, channels, int(height), int(width), device=device, dtype=dtype)}
         return
     if main == "input_features":
         bins = getattr(config, "num_mel_bins", 80)
@@ -82,7 +83,11 @@ def run_pseudo_passes(model: nn.Module, done: Callable[[], bool]) -> list[str]:
     """
     errors: list[str] = []
     with model_lock(model):
-        for inputs in pseudo_input_variants(model):
+        try:
+            variants = list(pseudo_input_variants(model))
+        except Exception as exc:  # noqa: BLE001 - a config the pseudo input cannot follow
+            return [f"no pseudo input for this model ({type(exc).__name__}: {exc})"]
+        for inputs in variants:
             try:
                 with torch.no_grad(), _eval_mode(model), _experts_runnable_on_meta(model):
                     if _accepts_use_cache(model):

@@ -11,11 +11,11 @@ from torch import nn
 
 from engine.addressing import resolve
 from engine.config import DeltaConfig
-from engine.layers import DeltaModule
 from engine.delta import DeltaBase
+from engine.layers import DeltaModule
 from engine.registry import register
-from engine.routing import RouteHandle, attach_route
 from engine.roles import ModelStructure, available_roles, expand_common_names
+from engine.routing import RouteHandle, attach_route
 
 
 @dataclass
@@ -63,7 +63,7 @@ class IA3Model(DeltaBase):
         return {p: p in feedforward for p in paths}
 
     def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
-        feedforward = self.feedforward_paths(ModelStructure(self.backbone_model), self.config)  # type: ignore[arg-type]
+        feedforward = self.feedforward_paths(self.structure(), self.config)  # type: ignore[arg-type]
         sizes = self.module_sizes(modules)
         result: dict[str, DeltaModule] = {}
         for path, module in modules.items():

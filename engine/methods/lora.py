@@ -5,25 +5,30 @@ addressing expressions."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import logging
-
 from torch import nn
 
-from engine.addressing import resolve
+from engine.addressing import resolve_each
 from engine.config import DeltaConfig, positive_int, positive_number, probability
 from engine.delta import DeltaBase, _key
 from engine.errors import ConfigError, DeltaStateError, ModuleNotSupportedError
 from engine.layers import DeltaModule
-from engine.methods.lora_layers import LoraConv, LoraEmbedding, LoraExperts, LoraLayer, shared_with
+from engine.locking import model_lock
+from engine.methods.lora_layers import (
+    LoraConv,
+    LoraEmbedding,
+    LoraExperts,
+    LoraLayer,
+    shared_with,
+)
 from engine.registry import register
 from engine.roles import ModelStructure, expand_common_names
 from engine.roles.kinds import is_fused_experts
 from engine.routing import RouteHandle, attach_route
-from engine.locking import model_lock
 from engine.tree import all_modules
 
 logger = logging.getLogger(__name__)
@@ -88,14 +93,20 @@ class LoraModel(DeltaBase):
         A pattern expression that matches no module at all is an error, as everywhere. Every
         pattern is resolved against one index of the model, so the cost grows with the number of
         matches, not patterns × modules."""
-        wanted = set(paths)
-
         def per_path(pattern: dict[str, Any], default: Any) -> dict[str, Any]:
-            chosen: dict[str, Any] = {}
-            for expression, value in pattern.items():
-                for path in resolve(structure.tree, expand_common_names(structure, [expression])).paths:
-                    if path in wanted:
-                        chosen.setdefault(path, value)
+            memo = ("lora pattern", tuple(pattern.items()))  # planning and building share it
+            chosen = structure.memo.get(memo)
+            if chosen is None:
+                keys = list(pattern)
+                expanded = [expand_common_names(structure, [key]) for key in keys]
+                matched = iter(resolve_each(structure.tree, [e for group in expanded for e in group]))
+                chosen = {}
+                for key, expressions in zip(keys, expanded):
+                    for path in (p for _ in expressions for p in next(matched)):
+                        chosen.setdefault(path, pattern[key])
+                if len(structure.memo) > 256:  # a long-lived structure (the designer's) stays bounded
+                    structure.memo.clear()
+                structure.memo[memo] = chosen
             return {p: chosen.get(p, default) for p in paths}
 
         ranks = per_path(config.rank_pattern, config.lora_r)  # type: ignore[attr-defined]
@@ -104,7 +115,7 @@ class LoraModel(DeltaBase):
 
     def build_deltas(self, modules: dict[str, nn.Module]) -> dict[str, DeltaModule]:
         config: LoraConfig = self.config  # type: ignore[assignment]
-        settings = self.variants(ModelStructure(self.backbone_model), config, list(modules))
+        settings = self.variants(self.structure(), config, list(modules))
         linear = {p: m for p, m in modules.items() if not isinstance(m, (nn.Embedding, nn.Conv1d, nn.Conv2d))
                   and not is_fused_experts(m)}
         if config.use_dora:

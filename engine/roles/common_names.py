@@ -71,6 +71,8 @@ class ModelStructure:
         self._roles: Roles | None = None
         #: what pseudo passes learnt about kinds of modules (see ``engine.reach``)
         self.reach: dict[Any, str | None] = {}
+        #: results a plan and the build that follows it both need (e.g. resolved rank patterns)
+        self.memo: dict[Any, Any] = {}
 
     @classmethod
     def of(cls, target: nn.Module | ModelStructure) -> ModelStructure:

@@ -12,13 +12,18 @@ Norms, input embeddings and the output head come from class names and the model'
 from __future__ import annotations
 
 import re
-from types import MappingProxyType
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
-from engine.roles.kinds import is_attention, is_fused_experts, is_norm, is_pointwise_conv
+from engine.roles.kinds import (
+    is_attention,
+    is_fused_experts,
+    is_norm,
+    is_pointwise_conv,
+)
 from engine.targets import inside_delta
 from engine.tree import ModuleTree, all_modules
 

@@ -196,3 +196,16 @@ def test_some_layers_compile_to_one_regex(shape, data):
     selection = {node.member_paths[i] for i in chosen}
     expressions = _assert_round_trip(tree, selection)
     assert len(expressions) == 1 and (expressions[0].startswith("[r]") or len(chosen) == 1)
+
+
+def test_resolve_each_agrees_with_resolve_and_refuses_what_matches_nothing():
+    from engine.addressing import resolve_each
+
+    tree = ModuleTree.from_model(load_backbone("catalog:bert-base-uncased").model)
+    expressions = ["query", r"[r]layer\.(0|3)\.attention\.self\.value", r"[r].*dense", "attention.output",
+                   r"[r]layer\.1[01]\..*LayerNorm"]
+    assert resolve_each(tree, expressions) == [resolve(tree, [e]).paths for e in expressions]
+    with pytest.raises(NoMatchError, match="'qeury'"):
+        resolve_each(tree, ["query", "qeury"])
+    with pytest.raises(NoMatchError, match=r"regex .*nothing.* matches no module"):
+        resolve_each(tree, [r"[r]nothing\d"])
