@@ -15,6 +15,7 @@ from torch import nn
 from engine.addressing import resolve
 from engine.config import DeltaConfig
 from engine.errors import ConfigError, ModuleNotSupportedError
+from engine.locking import model_lock
 from engine.reach import find_bypassed
 from engine.roles import ModelStructure, default_positions, expand_common_names
 from engine.targets import inside_delta
@@ -49,16 +50,17 @@ class Planning:
         (the designer does). Targets the model's forward bypasses are refused by name — or, for
         default positions, left out with a log line.
         """
-        structure = structure if structure is not None else ModelStructure(backbone_model, tree)
-        modules = structure.modules
-        targets = cls.select_targets(cls._resolve(structure, config), modules)
-        seen: set[int] = set()  # a module shared by two paths is wrapped once, at its first path
-        targets = [p for p in targets if not (id(modules[p]) in seen or seen.add(id(modules[p])))]
-        for path in targets:
-            cls.check_module(path, modules[path])
-        if cls.hooks_target_forward:
-            targets = cls._without_bypassed(structure, config, targets)
-        return targets
+        with model_lock(backbone_model):  # another thread may be attaching to this model
+            structure = structure if structure is not None else ModelStructure(backbone_model, tree)
+            modules = structure.modules
+            targets = cls.select_targets(cls._resolve(structure, config), modules)
+            seen: set[int] = set()  # a module shared by two paths is wrapped once, at its first path
+            targets = [p for p in targets if not (id(modules[p]) in seen or seen.add(id(modules[p])))]
+            for path in targets:
+                cls.check_module(path, modules[path])
+            if cls.hooks_target_forward:
+                targets = cls._without_bypassed(structure, config, targets)
+            return targets
 
     @classmethod
     def _without_bypassed(cls, structure: ModelStructure, config: DeltaConfig, targets: list[str]) -> list[str]:
