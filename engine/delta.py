@@ -18,6 +18,7 @@ from torch import nn
 
 from engine import persistence
 from engine.addressing import resolve
+from engine.checkpoint import SHARED_PREFIX
 from engine.config import DeltaConfig
 from engine.errors import ConfigError, DeltaStateError
 from engine.layers import DeltaModule
@@ -261,13 +262,14 @@ class DeltaBase(Planning, nn.Module):
 
         self._state_dict_handle = model.register_state_dict_post_hook(keep_trainable)
 
-    def _shared_ids(self) -> set[int]:
-        return {id(p) for module in self.shared_modules.values() for p in module.parameters()}
+    def shared_tensor_ids(self) -> set[int]:
+        """Every tensor (parameters and buffers) of the shared modules."""
+        return {id(t) for module in self.shared_modules.values() for t in (*module.parameters(), *module.buffers())}
 
     def trainable_parameters_by_module(self) -> dict[str, int]:
         """Modified module path → trainable delta parameters there (shared ones not included:
         see :meth:`shared_trainable_parameters`)."""
-        shared = self._shared_ids()
+        shared = self.shared_tensor_ids()
         return {
             path: sum(p.numel() for p in self.delta_modules[_key(path)].parameters()
                       if p.requires_grad and id(p) not in shared)
@@ -326,7 +328,7 @@ class DeltaBase(Planning, nn.Module):
     def delta_state(self) -> dict[str, torch.Tensor]:
         """Every tensor of this delta by checkpoint key: ``{modified path}.{tensor}`` per module,
         ``shared::{name}.{tensor}`` for the shared ones (once)."""
-        shared = self._shared_ids()
+        shared = self.shared_tensor_ids()
         state = {
             f"{path}.{name}": tensor
             for path in self.modified_paths
@@ -334,7 +336,7 @@ class DeltaBase(Planning, nn.Module):
             if id(tensor) not in shared
         }
         for key, module in self.shared_modules.items():
-            state.update({f"shared::{key}.{name}": t for name, t in module.state_dict(keep_vars=True).items()})
+            state.update({f"{SHARED_PREFIX}{key}.{name}": t for name, t in module.state_dict(keep_vars=True).items()})
         return state
 
     def load_delta_state(self, tensors: dict[str, torch.Tensor]) -> None:

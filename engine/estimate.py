@@ -76,7 +76,7 @@ def _estimate(model: nn.Module, config: DeltaConfig, structure: ModelStructure) 
     delta = method(model, config=config, attach=False, paths=list(representative.values()), planned=targets,
                    structure=structure)
     counts = delta.trainable_parameters_by_module()
-    shared_ids = {id(t) for m in delta.shared_modules.values() for t in (*m.parameters(), *m.buffers())}
+    shared_ids = delta.shared_tensor_ids()
     sizes = {p: _bytes(delta.delta_modules[p.replace(".", "/")], shared_ids) for p in representative.values()}
     shared_bytes = sum(_bytes(m, set()) for m in delta.shared_modules.values())
     by_module = {p: counts[representative[kind(p)]] for p in targets}

@@ -16,6 +16,7 @@ by the plain prefixes it computes.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 from collections.abc import Callable
@@ -82,7 +83,7 @@ class PrefixReparameterization(DeltaModule):
         self.prefix_embedding = nn.Parameter(torch.randn(tokens, config.embed_dim, device=device, dtype=dtype))
         self.hidden = new_linear(config.embed_dim, config.mid_dim, True, device, dtype)
         self.output = new_linear(config.mid_dim, 2 * sum(widths), True, device, dtype)
-        self.offsets = [2 * sum(widths[:i]) for i in range(len(widths))]
+        self.offsets = [0, *itertools.accumulate(2 * width for width in widths[:-1])]
 
     def key_values(self, index: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``index``'s keys and values (tokens × width each); only its slice is computed."""

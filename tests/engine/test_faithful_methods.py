@@ -70,6 +70,7 @@ def test_compacter_rule_options():
                            name="fixed").freeze_module()
     assert "rule" in fixed.shared_modules["phm_rule"]._buffers  # saved, never trained
     assert all(p.requires_grad for p in fixed.parameters())
+    assert [k for k in fixed.delta_state() if "rule" in k] == ["shared::phm_rule.rule"]  # saved once
     per_layer = CompacterModel(model, ["attn.o"], hypercomplex_division=4, shared_phm_rule=False,
                                reduction_factor=4, name="per_layer")
     assert not per_layer.shared_modules and len({id(l.rule()) for l in _phm_layers(per_layer)}) == 4
