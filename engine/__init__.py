@@ -4,6 +4,7 @@ The designer imports only the names listed in ``__all__``.
 """
 
 from engine.addressing import MatchReport, compile_selection, parse_expression, resolve
+from engine.auto import AutoDeltaConfig, AutoDeltaModel
 from engine.backbones import (
     DEFAULT_SOURCE,
     Backbone,
@@ -11,22 +12,11 @@ from engine.backbones import (
     list_architectures,
     load_backbone,
 )
-from engine.auto import AutoDeltaConfig, AutoDeltaModel
 from engine.catalog import CATALOG, CatalogEntry
-from engine.config import DeltaConfig
-from engine.layers import DeltaModule
-from engine.delta import DeltaBase
 from engine.checkpoint import atomic_write_bytes
+from engine.config import DeltaConfig
+from engine.delta import DeltaBase
 from engine.design import AppliedDesign, Design, DesignMismatchError
-from engine.estimate import (
-    DTYPE_BYTES,
-    DeltaEstimate,
-    checkpoint_bytes,
-    estimate_delta,
-    module_parameters,
-    training_memory,
-)
-from engine.interop.peft import export_peft, import_peft, peft_adapter_config
 from engine.errors import (
     AddressingError,
     BackboneError,
@@ -42,7 +32,16 @@ from engine.errors import (
     UnknownBackboneError,
     UnknownPathError,
 )
-from engine.registry import REGISTRY, method_for, register, registered_methods
+from engine.estimate import (
+    DTYPE_BYTES,
+    DeltaEstimate,
+    checkpoint_bytes,
+    estimate_delta,
+    module_parameters,
+    training_memory,
+)
+from engine.interop.peft import export_peft, import_peft, peft_adapter_config
+from engine.layers import DeltaModule
 from engine.methods.adapter import AdapterConfig, AdapterModel
 from engine.methods.bitfit import BitFitConfig, BitFitModel
 from engine.methods.compacter import CompacterConfig, CompacterModel
@@ -52,8 +51,16 @@ from engine.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapter
 from engine.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
 from engine.methods.prefix import PrefixConfig, PrefixModel
 from engine.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
-from engine.roles import COMMON_NAMES, ModelStructure, Roles, expand_common_names, infer_roles
+from engine.registry import REGISTRY, method_for, register, registered_methods
+from engine.roles import (
+    COMMON_NAMES,
+    ModelStructure,
+    Roles,
+    expand_common_names,
+    infer_roles,
+)
 from engine.routing import Route, attach_route
+from engine.tasks import tasks
 from engine.tree import ModuleTree, TreeNode, format_indices, parse_indices
 from engine.visualize import Visualization, human_count
 
@@ -103,6 +110,7 @@ __all__ = [
     "PrefixModel",
     "Route",
     "attach_route",
+    "tasks",
     "method_for",
     "register",
     "registered_methods",

@@ -29,6 +29,7 @@ from engine.roles import IOSizes, ModelStructure, declared_sizes, expand_common_
 from engine.roles.kinds import mixture_sizes
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import probe_sizes
+from engine.tasks import RowSelector
 from engine.visualize import Visualization
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -84,6 +85,8 @@ class DeltaBase(Planning, nn.Module):
         object.__setattr__(self, "backbone_model", backbone_model)  # not a submodule
         self._handles: list[RouteHandle] = []
         self._attached = False
+        #: which rows of a mixed-task batch this delta acts on (see engine.tasks), set on attach
+        self.row_selector = RowSelector(backbone_model, str(config.name))
         self._state_dict_handle: Any = None
         #: backbone modules that train with this delta (set by freeze_module, saved with it)
         self.unfrozen_paths: list[str] = []
@@ -133,7 +136,7 @@ class DeltaBase(Planning, nn.Module):
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         """Hook ``delta`` into ``module`` (default: along ``config.route``)."""
-        return attach_route(str(self.config.route), module, delta)
+        return attach_route(str(self.config.route), module, delta, select=self.row_selector)
 
     def module_sizes(self, modules: dict[str, nn.Module]) -> dict[str, IOSizes]:
         """Declared sizes where modules state them; one pseudo-input pass for the rest."""
@@ -190,9 +193,11 @@ class DeltaBase(Planning, nn.Module):
             mode = self.backbone_model.training
             if any(layer.training != mode for layer in self.delta_modules.values()):
                 self.train(mode)
+            self.row_selector = RowSelector(self.backbone_model, self.name)
             for path, module in targets.items():
                 delta = self.delta_modules[_key(path)]
                 module.add_module(self.name, delta)
+                delta.__dict__["_row_selector"] = self.row_selector  # found by engine.tasks
                 self._handles.append(self.wire(path, module, delta))
             self._attached = True
         return self

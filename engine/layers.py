@@ -13,6 +13,12 @@ class DeltaModule(nn.Module):
 
     is_delta_module = True
 
+    def mixed_batch_refusal(self) -> str | None:
+        """Why this layer cannot act on some rows of a batch only (``None``: it can)."""
+        if getattr(self, "merged", False):
+            return "it is merged into the backbone's weights, which every row uses; unmerge() it"
+        return None
+
 
 def new_linear(
     in_features: int, out_features: int, bias: bool, device: torch.device, dtype: torch.dtype,

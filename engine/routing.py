@@ -14,6 +14,7 @@ whose ``remove()`` detaches just that delta.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -139,6 +140,58 @@ def _scaled(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
 COMBINE = MappingProxyType({"add": _added, "multiply": _scaled})
 
 
+#: ``select(like, where)``: ``None`` (every row takes the delta) or the indices along ``like``'s
+#: leading dimension of the rows that do, inside a mixed-task batch (see :mod:`engine.tasks`).
+RowSelect = Callable[..., "torch.Tensor | None"]
+
+
+def _combine_rows(combine: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], delta: DeltaFunction,
+                  hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``combine(h, delta(h))`` on every row, or only on ``rows`` (the others pass unchanged)."""
+    if rows is None:
+        return combine(hidden, run_delta(delta, hidden, hidden))
+    if not rows.numel():
+        return hidden
+    part = hidden.index_select(0, rows)
+    return hidden.index_copy(0, rows, combine(part, run_delta(delta, part, part)))
+
+
+def on_rows(select: RowSelect | None, hook: Callable[..., Any]) -> Callable[..., Any]:
+    """A forward hook (``with_kwargs``) that transforms a module's output row by row, run only on
+    the rows ``select`` picks: it sees those rows of the input and the output, and the others are
+    left as they were."""
+    if select is None:
+        return hook
+
+    def selected(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        target = main_output(output)
+        rows = select(target, type(module).__name__)
+        if rows is None:
+            return hook(module, args, kwargs, output)
+        if not rows.numel():
+            return output
+        hidden = first_tensor(args, kwargs)
+        if hidden is None:
+            raise DeltaError(f"a mixed-task batch found no tensor input to {type(module).__name__}")
+        args, kwargs = _replace_input(args, kwargs, hidden.index_select(0, select(hidden, type(module).__name__)))
+        changed = main_output(hook(module, args, kwargs, target.index_select(0, rows)))
+        return _with_main_output(output, target.index_copy(0, rows, changed))
+
+    return selected
+
+
+def _add_rows(target: torch.Tensor, update: torch.Tensor | None, rows: torch.Tensor,
+              mode: str, in_place: bool) -> torch.Tensor:
+    """``target`` with ``update`` (computed for ``rows`` only) added to, or multiplied into, them."""
+    if update is None:
+        return target
+    if mode == "multiply":
+        return target.index_copy(0, rows, target.index_select(0, rows) * update)
+    if in_place:
+        return target.index_add_(0, rows, update)
+    return target.index_add(0, rows, update)
+
+
 def attach_route(
     route: Route | str,
     module: nn.Module,
@@ -146,6 +199,7 @@ def attach_route(
     partner: nn.Module | None = None,
     in_place: bool = False,
     mode: str = "add",
+    select: RowSelect | None = None,
 ) -> RouteHandle:
     """Hook ``delta`` into ``module`` along ``route``; ``partner`` is module B of parallel_pair.
 
@@ -153,11 +207,13 @@ def attach_route(
     (IA3: ``before`` scales a module's input, ``after`` its output). ``in_place`` (parallel,
     add) adds into the module's output tensor instead of allocating a new one; only valid for
     modules whose backward never reads their output (Linear, Conv1D, Embedding, Conv2d).
+    ``select`` restricts the delta to some rows of the batch (mixed-task batches).
     """
     route = Route.parse(route)
     if mode not in COMBINE:
         raise ConfigError(f"unknown route mode {mode!r}; choose add or multiply")
     combine = COMBINE[mode]
+    pick: RowSelect = select if select is not None else (lambda like, where="": None)
     handle = RouteHandle()
     if route is Route.BEFORE:
 
@@ -165,21 +221,31 @@ def attach_route(
             hidden = first_tensor(args, kwargs)
             if hidden is None:
                 raise DeltaError(f"route 'before' found no tensor input to {type(mod).__name__}")
-            return _replace_input(args, kwargs, combine(hidden, run_delta(delta, hidden, hidden)))
+            rows = pick(hidden, type(mod).__name__)
+            return _replace_input(args, kwargs, _combine_rows(combine, delta, hidden, rows))
 
         handle.handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
     elif route is Route.AFTER:
 
         def after(mod: nn.Module, args: tuple, output: Any) -> Any:
             hidden = main_output(output)
-            return _with_main_output(output, combine(hidden, run_delta(delta, hidden, hidden)))
+            rows = pick(hidden, type(mod).__name__)
+            return _with_main_output(output, _combine_rows(combine, delta, hidden, rows))
 
         handle.handles.append(module.register_forward_hook(after))
     elif route is Route.PARALLEL:
 
         def parallel(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             target = main_output(output)
-            update = run_delta(delta, first_tensor(args, kwargs), target)
+            source = first_tensor(args, kwargs)
+            rows = pick(target, type(mod).__name__)
+            if rows is not None:
+                if not rows.numel():
+                    return output
+                update = run_delta(delta, source.index_select(0, pick(source, type(mod).__name__)), target)
+                changed = _add_rows(target, update, rows, mode, in_place)
+                return output if changed is target else _with_main_output(output, changed)
+            update = run_delta(delta, source, target)
             if in_place and mode == "add" and update is not None:
                 target.add_(update)
                 return output
@@ -199,9 +265,17 @@ def attach_route(
                 raise DeltaError("route 'parallel_pair': module B ran before module A")
             hidden = saved.pop()
             target = main_output(output)
+            rows = pick(target, type(mod).__name__)
+            if rows is not None:
+                if not rows.numel():
+                    return output
+                hidden = hidden.index_select(0, pick(hidden, type(mod).__name__))
             update = run_delta(delta, hidden, target)
-            if update is not None and update.shape != target.shape and update.numel() == target.numel():
-                update = update.reshape(target.shape)  # B sees the tokens flattened (OPT's FFN)
+            expected = target.shape if rows is None else (len(rows), *target.shape[1:])
+            if update is not None and update.shape != expected and update.numel() == math.prod(expected):
+                update = update.reshape(expected)  # B sees the tokens flattened (OPT's FFN)
+            if rows is not None:
+                return _with_main_output(output, _add_rows(target, update, rows, mode, False))
             return _with_main_output(output, combine(target, update))
 
         handle.handles.append(module.register_forward_pre_hook(remember, with_kwargs=True))

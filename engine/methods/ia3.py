@@ -76,4 +76,4 @@ class IA3Model(DeltaBase):
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         route = "before" if delta.on_input else "after"  # type: ignore[union-attr]
-        return attach_route(route, module, delta, mode="multiply")
+        return attach_route(route, module, delta, mode="multiply", select=self.row_selector)

@@ -28,7 +28,7 @@ from engine.methods.lora_layers import (
 from engine.registry import register
 from engine.roles import ModelStructure, expand_common_names
 from engine.roles.kinds import is_fused_experts
-from engine.routing import RouteHandle, attach_route
+from engine.routing import RouteHandle, attach_route, on_rows
 from engine.tree import all_modules
 
 logger = logging.getLogger(__name__)
@@ -150,9 +150,9 @@ class LoraModel(DeltaBase):
         if isinstance(delta, LoraExperts):
             return RouteHandle(delta.hooks(module))
         if getattr(delta, "dora", False):
-            return RouteHandle([module.register_forward_hook(delta.dora_hook, with_kwargs=True)])  # type: ignore[attr-defined]
+            return RouteHandle([module.register_forward_hook(on_rows(self.row_selector, delta.dora_hook), with_kwargs=True)])  # type: ignore[attr-defined]
         # these layers' backward never reads their output, so the update can go in place
-        return attach_route("parallel", module, delta, in_place=True)
+        return attach_route("parallel", module, delta, in_place=True, select=self.row_selector)
 
     @property
     def is_merged(self) -> bool:

@@ -229,6 +229,10 @@ class LoraExperts(DeltaModule):
     def merged_parameters(self, module: nn.Module) -> list[str]:
         return list(self.names)
 
+    def mixed_batch_refusal(self) -> str | None:
+        return ("LoRA on fused experts updates the experts' weights, which every row's tokens share "
+                "after routing")
+
     def update(self, name: str) -> torch.Tensor:
         """B·A·scaling for every expert, shaped like the parameter."""
         return torch.bmm(self.lora_B[name], self.lora_A[name]) * self.scaling

@@ -94,6 +94,6 @@ class ParallelAdapterModel(DeltaBase):
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         if not self.pair_paths:
-            return attach_route("parallel", module, delta)
+            return attach_route("parallel", module, delta, select=self.row_selector)
         partner = all_modules(self.backbone_model)[self.pair_paths[path]]
-        return attach_route("parallel_pair", module, delta, partner=partner)
+        return attach_route("parallel_pair", module, delta, partner=partner, select=self.row_selector)

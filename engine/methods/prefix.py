@@ -164,7 +164,14 @@ def _prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         keys, values = prefix.key_values()
         count = keys.shape[1]
         batch = key.shape[0]
-        attention_mask = _widen_mask(attention_mask, count, query, key, module, kwargs, implementation)
+        selector = prefix.__dict__.get("_row_selector")
+        rows = selector(key, type(module).__name__) if selector is not None else None
+        if rows is not None and not rows.numel():
+            continue  # no row of this batch is this prefix's task
+        seen = None
+        if rows is not None:  # a mixed-task batch: the other rows must not see these positions
+            seen = torch.zeros(batch, dtype=torch.bool, device=key.device).index_fill_(0, rows, True)
+        attention_mask = _widen_mask(attention_mask, count, query, key, module, kwargs, implementation, seen)
         key = torch.cat([keys.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
         value = torch.cat([values.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
         if kwargs.get("position_bias") is not None:
@@ -174,28 +181,41 @@ def _prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 
 def _widen_mask(mask: torch.Tensor | None, count: int, query: torch.Tensor, key: torch.Tensor,
-                module: nn.Module, kwargs: dict[str, Any], implementation: str) -> torch.Tensor | None:
-    """Let every query see the ``count`` prefix positions; keep the causal pattern for the rest."""
+                module: nn.Module, kwargs: dict[str, Any], implementation: str,
+                seen: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Let every query see the ``count`` prefix positions — or, in a mixed-task batch, only the
+    queries of the rows ``seen`` marks; keep the causal pattern for the rest."""
     keys = key.shape[2]
     if mask is None:
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
         queries = query.shape[2]
         if not (causal and queries > 1):
-            return None  # full attention already includes the prefix
-        rows = torch.arange(queries, device=query.device)[:, None] + (keys - queries)
-        real = torch.arange(keys, device=query.device)[None, :] <= rows
-        mask = torch.cat([torch.ones(queries, count, dtype=torch.bool, device=query.device), real], 1)
-        mask = mask[None, None]
+            if seen is None:
+                return None  # full attention already includes the prefix
+            real = torch.ones(queries, keys, dtype=torch.bool, device=query.device)
+        else:
+            rows = torch.arange(queries, device=query.device)[:, None] + (keys - queries)
+            real = torch.arange(keys, device=query.device)[None, :] <= rows
+        mask = torch.cat([torch.ones(queries, count, dtype=torch.bool, device=query.device), real], 1)[None, None]
+        if seen is not None:
+            mask = mask.repeat(seen.shape[0], 1, 1, 1)
+            mask[..., :count] = seen[:, None, None, None]
         if implementation == "eager":
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
                 ~mask, torch.finfo(query.dtype).min)
         return mask
     mask = mask[..., :keys]
+    if seen is not None and mask.shape[0] != seen.shape[0]:
+        mask = mask.expand(seen.shape[0], *mask.shape[1:])
+    shape = (*mask.shape[:-1], count)
+    allowed = seen[:, None, None, None].expand(shape) if seen is not None else None
     if mask.dtype == torch.bool:
-        pad = torch.ones(*mask.shape[:-1], count, dtype=torch.bool, device=mask.device)
+        pad = allowed if allowed is not None else torch.ones(shape, dtype=torch.bool, device=mask.device)
     else:
-        pad = torch.zeros(*mask.shape[:-1], count, dtype=mask.dtype, device=mask.device)
+        pad = torch.zeros(shape, dtype=mask.dtype, device=mask.device)
+        if allowed is not None:
+            pad = pad.masked_fill(~allowed, torch.finfo(mask.dtype).min)
     return torch.cat([pad, mask], dim=-1)
 
 
@@ -293,7 +313,7 @@ class PrefixModel(DeltaBase):
         return {p: watched[rep[p]]["shape"] for p in modules}
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
-        object.__getattribute__(_bind(module), "_prefixes").append(delta)
+        object.__getattribute__(_bind(module), "_prefixes").append(delta)  # its _row_selector is set
         return RouteHandle([_PrefixHandle(module, delta)])  # type: ignore[list-item]
 
     def fold(self) -> PrefixModel:

@@ -49,6 +49,10 @@ class SoftPrompt(DeltaModule):
             initial = 0.02 * torch.randn(count, width, device=device, dtype=dtype)
         self.soft_embeds = nn.Parameter(initial.to(device=device, dtype=dtype))
 
+    def mixed_batch_refusal(self) -> str | None:
+        return ("a soft prompt makes its rows' sequences longer, so one batch cannot hold rows with "
+                "and without it (prefix tuning gives every row the same length and can mix)")
+
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
         """``embeds`` (batch, length, width) with the soft tokens in front."""
         soft = self.soft_embeds.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
