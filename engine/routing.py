@@ -207,7 +207,9 @@ def attach_route(
     (IA3: ``before`` scales a module's input, ``after`` its output). ``in_place`` (parallel,
     add) adds into the module's output tensor instead of allocating a new one; only valid for
     modules whose backward never reads their output (Linear, Conv1D, Embedding, Conv2d).
-    ``select`` restricts the delta to some rows of the batch (mixed-task batches).
+    ``select`` restricts the delta to some rows of the batch (mixed-task batches). A delta with
+    an ``add_into(input, output) -> bool`` method may add its update into the output itself
+    (in place, add, every row); it returns False to take the general path instead.
     """
     route = Route.parse(route)
     if mode not in COMBINE:
@@ -245,6 +247,8 @@ def attach_route(
                 update = run_delta(delta, source.index_select(0, pick(source, type(mod).__name__)), target)
                 changed = _add_rows(target, update, rows, mode, in_place)
                 return output if changed is target else _with_main_output(output, changed)
+            if in_place and mode == "add" and hasattr(delta, "add_into") and delta.add_into(source, target):
+                return output  # the delta added its update into the output itself
             update = run_delta(delta, source, target)
             if in_place and mode == "add" and update is not None:
                 target.add_(update)

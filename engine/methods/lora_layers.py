@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from engine.layers import DeltaModule, new_linear, zero_init
 from engine.roles.kinds import fused_expert_parameters
@@ -44,6 +45,24 @@ class LoraLayer(DeltaModule):
         if self.merged:
             return None  # the update lives in the backbone weight
         return self._lora(self.dropout(hidden))
+
+    def add_into(self, hidden: torch.Tensor, target: torch.Tensor) -> bool:
+        """Inference fast path: ``target += B·(A·hidden)·scaling`` as one small GEMM and one
+        ``addmm_`` into the layer's output — no update tensor, no extra pass over the output.
+        False (the caller takes the general path) while training, with dropout active, across
+        dtypes, for DoRA, or when the module carries hooks of its own (FSDP's, say), which only a
+        module call would run."""
+        weight_a, weight_b = self.lora_A.weight, self.lora_B.weight
+        if (self.merged or self.dora or (self.training and isinstance(self.dropout, nn.Dropout))
+                or not (weight_a.dtype == hidden.dtype == target.dtype)
+                or (torch.is_grad_enabled() and (weight_a.requires_grad or weight_b.requires_grad
+                                                 or hidden.requires_grad or target.requires_grad))
+                or self._forward_pre_hooks or self._forward_hooks or _has_global_hooks()
+                or not target.is_contiguous()):
+            return False
+        flat = target.view(-1, target.shape[-1])
+        flat.addmm_(F.linear(hidden.reshape(-1, hidden.shape[-1]), weight_a), weight_b.t(), alpha=self.scaling)
+        return True
 
     def _lora(self, dropped: torch.Tensor) -> torch.Tensor:
         # scaling the rank-r intermediate costs out/r times less than scaling the output
@@ -115,6 +134,11 @@ class LoraLayer(DeltaModule):
             else:
                 weight.sub_(self.update().to(weight.dtype))
         self.merged = False
+
+
+def _has_global_hooks() -> bool:
+    """Whether module hooks registered for every module (``register_module_forward_*``) exist."""
+    return bool(torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks)
 
 
 class AdditiveMerge:
