@@ -13,7 +13,14 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from engine import DEFAULT_SOURCE, DeltaError, ModuleTree, Visualization, load_backbone, resolve
+from engine import (
+    DEFAULT_SOURCE,
+    DeltaError,
+    ModuleTree,
+    Visualization,
+    load_backbone,
+    resolve,
+)
 
 COMMANDS = ("serve", "tree", "match")
 
@@ -84,9 +91,9 @@ def _serve(args: argparse.Namespace) -> int:
     token = None if is_loopback(args.host) else new_token()
     config["TOKEN"] = token
     app, socketio = create_app(config)
-    print("Loading backbone", args.backbone, "…", flush=True)
     store = app.extensions["delta_designer"]
-    store.backbones.get(args.backbone)  # load before serving: the first page is instant
+    store.backbones.preload(args.backbone)  # listen at once; the page shows the load's progress
+    print("Loading backbone", args.backbone, "in the background …", flush=True)
     url = f"http://{args.host}:{args.port}/" + (f"?token={token}" if token else "")
     print(f"Delta Designer serving on {url}", flush=True)
     socketio.run(app, host=args.host, port=args.port, allow_unsafe_werkzeug=True)

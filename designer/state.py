@@ -91,6 +91,10 @@ class BackboneCache:
         self._loaded: dict[str, LoadedBackbone] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        #: source → (done, total) while it loads; read by the page that waits for it
+        self._progress: dict[str, tuple[int, int]] = {}
+        #: source → the error its background load ended with
+        self.failures: dict[str, str] = {}
 
     def get(self, source: str, progress: Callable[[int, int], None] | None = None) -> LoadedBackbone:
         """Load once; a python: factory only if it is the source the server was started with."""
@@ -98,8 +102,35 @@ class BackboneCache:
             lock = self._locks.setdefault(source, threading.Lock())
         with lock:
             if source not in self._loaded:
-                self._loaded[source] = load(source, progress, allow_python=source == self.server_source)
+                def record(done: int, total: int) -> None:
+                    self._progress[source] = (done, total)
+                    if progress is not None:
+                        progress(done, total)
+
+                self._progress[source] = (0, 1)
+                try:
+                    self._loaded[source] = load(source, record, allow_python=source == self.server_source)
+                finally:
+                    self._progress.pop(source, None)
             return self._loaded[source]
+
+    def progress(self, source: str) -> tuple[int, int] | None:
+        """(done, total) of a load in progress, else None."""
+        return self._progress.get(source)
+
+    def preload(self, source: str) -> threading.Thread:
+        """Load ``source`` on a background thread (the server listens meanwhile); a failure is
+        kept in :attr:`failures` and shown by the page instead of the design."""
+        def run() -> None:
+            try:
+                self.get(source)
+            except Exception as error:  # shown on the page; the server keeps serving
+                self.failures[source] = f"{type(error).__name__}: {error}"
+
+        self._progress.setdefault(source, (0, 1))
+        thread = threading.Thread(target=run, name=f"load {source}", daemon=True)
+        thread.start()
+        return thread
 
     def cached(self, source: str) -> LoadedBackbone | None:
         return self._loaded.get(source)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from flask import (
     Blueprint,
     Response,
@@ -18,8 +17,20 @@ from designer import exports
 from designer.payloads import PayloadError
 from designer.resources import socketio_client_dir
 from designer.session import DesignSession
-from designer.store import SESSION_COOKIE, SessionStore, new_session_id, valid_session_id
-from engine import CATALOG, DEFAULT_SOURCE, DeltaError, Design, ModuleTree, list_architectures
+from designer.store import (
+    SESSION_COOKIE,
+    SessionStore,
+    new_session_id,
+    valid_session_id,
+)
+from engine import (
+    CATALOG,
+    DEFAULT_SOURCE,
+    DeltaError,
+    Design,
+    ModuleTree,
+    list_architectures,
+)
 
 bp = Blueprint("designer", __name__)
 
@@ -42,16 +53,42 @@ def index() -> Response:
     session_id = cookie if valid_session_id(cookie) else new_session_id()
     session = store.get(session_id)
     if session.loaded is None:  # show the server's backbone straight away
-        store.use(session, store.backbones.get(current_app.config["BACKBONE"]))
+        source = current_app.config["BACKBONE"]
+        waiting = _still_loading(store, source)
+        if waiting is not None:
+            return waiting
+        store.use(session, store.backbones.get(source))
     response = Response(render_template("index.html", backbone=session.require()[0].summary()))
     if session_id != cookie:
         response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="Strict")
     return response
 
 
+def _still_loading(store: SessionStore, source: str) -> Response | None:
+    """The page shown while the server's own backbone loads in the background (it reloads
+    itself each second), or its load error; None once the backbone is there."""
+    backbones = store.backbones
+    failure = backbones.failures.get(source)
+    progress = backbones.progress(source)
+    if failure is None and (progress is None or backbones.cached(source) is not None):
+        return None
+    done, total = progress or (0, 1)
+    page = render_template("loading.html", source=source, done=done, total=total, failure=failure)
+    return Response(page, status=500 if failure else 503, headers={"Retry-After": "1"})
+
+
 @bp.get("/api/health")
 def health() -> Response:
-    return jsonify({"status": "ok"})
+    """Liveness, and the state of the server's own backbone: loading (with progress), ready or failed."""
+    backbones = _store().backbones
+    source = current_app.config["BACKBONE"]
+    progress = backbones.progress(source)
+    state = ("failed" if source in backbones.failures else
+             "ready" if backbones.cached(source) is not None else "loading" if progress else "not loaded")
+    body: dict[str, object] = {"status": "ok", "backbone": {"source": source, "state": state}}
+    if progress:
+        body["backbone"]["done"], body["backbone"]["total"] = progress  # type: ignore[index]
+    return jsonify(body)
 
 
 @bp.get("/api/backbones")

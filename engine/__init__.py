@@ -1,146 +1,184 @@
 """Delta Designer's engine: plug-and-play delta tuning for PyTorch.
 
-The designer imports only the names listed in ``__all__``.
+The designer imports only the names listed in ``__all__``. Each name is imported from its module on
+first use (PEP 562), so ``import engine`` costs next to nothing and a command loads only what it
+needs: ``engine.LoraModel`` imports the LoRA method, not transformers' modeling code or the other
+methods.
 """
 
-from engine.addressing import MatchReport, compile_selection, parse_expression, resolve
-from engine.auto import AutoDeltaConfig, AutoDeltaModel
-from engine.backbones import (
-    DEFAULT_SOURCE,
-    Backbone,
-    build_on_meta,
-    list_architectures,
-    load_backbone,
-)
-from engine.catalog import CATALOG, CatalogEntry
-from engine.checkpoint import atomic_write_bytes
-from engine.config import DeltaConfig
-from engine.delta import DeltaBase
-from engine.design import AppliedDesign, Design, DesignMismatchError
-from engine.errors import (
-    AddressingError,
-    BackboneError,
-    BackboneNotFoundError,
-    CheckpointError,
-    ConfigError,
-    DeltaError,
-    DeltaStateError,
-    InvalidExpressionError,
-    ModuleNotSupportedError,
-    NoMatchError,
-    PickleRefusedError,
-    UnknownBackboneError,
-    UnknownPathError,
-)
-from engine.estimate import (
-    DTYPE_BYTES,
-    DeltaEstimate,
-    checkpoint_bytes,
-    estimate_delta,
-    module_parameters,
-    training_memory,
-)
-from engine.interop.peft import export_peft, import_peft, peft_adapter_config
-from engine.layers import DeltaModule
-from engine.methods.adapter import AdapterConfig, AdapterModel
-from engine.methods.bitfit import BitFitConfig, BitFitModel
-from engine.methods.compacter import CompacterConfig, CompacterModel
-from engine.methods.ia3 import IA3Config, IA3Model
-from engine.methods.lora import LoraConfig, LoraModel
-from engine.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
-from engine.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
-from engine.methods.prefix import PrefixConfig, PrefixModel
-from engine.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
-from engine.registry import REGISTRY, method_for, register, registered_methods
-from engine.roles import (
-    COMMON_NAMES,
-    ModelStructure,
-    Roles,
-    expand_common_names,
-    infer_roles,
-)
-from engine.routing import Route, attach_route
-from engine.tasks import tasks
-from engine.tree import ModuleTree, TreeNode, format_indices, parse_indices
-from engine.visualize import Visualization, human_count
+from __future__ import annotations
 
-__all__ = [
-    "CATALOG",
-    "COMMON_NAMES",
-    "DTYPE_BYTES",
-    "REGISTRY",
-    "DeltaEstimate",
-    "ModelStructure",
-    "Roles",
-    "infer_roles",
-    "atomic_write_bytes",
-    "checkpoint_bytes",
-    "estimate_delta",
-    "expand_common_names",
-    "module_parameters",
-    "export_peft",
-    "import_peft",
-    "peft_adapter_config",
-    "training_memory",
-    "AdapterConfig",
-    "AdapterModel",
-    "AppliedDesign",
-    "AutoDeltaConfig",
-    "AutoDeltaModel",
-    "BitFitConfig",
-    "BitFitModel",
-    "CompacterConfig",
-    "CompacterModel",
-    "IA3Config",
-    "IA3Model",
-    "LowRankAdapterConfig",
-    "LowRankAdapterModel",
-    "ParallelAdapterConfig",
-    "ParallelAdapterModel",
-    "SoftPromptConfig",
-    "SoftPromptModel",
-    "DeltaBase",
-    "DeltaConfig",
-    "DeltaModule",
-    "Design",
-    "DesignMismatchError",
-    "LoraConfig",
-    "LoraModel",
-    "PrefixConfig",
-    "PrefixModel",
-    "Route",
-    "attach_route",
-    "tasks",
-    "method_for",
-    "register",
-    "registered_methods",
-    "DEFAULT_SOURCE",
-    "AddressingError",
-    "Backbone",
-    "BackboneError",
-    "BackboneNotFoundError",
-    "CatalogEntry",
-    "CheckpointError",
-    "ConfigError",
-    "DeltaError",
-    "DeltaStateError",
-    "InvalidExpressionError",
-    "MatchReport",
-    "ModuleNotSupportedError",
-    "ModuleTree",
-    "NoMatchError",
-    "PickleRefusedError",
-    "TreeNode",
-    "UnknownBackboneError",
-    "UnknownPathError",
-    "Visualization",
-    "build_on_meta",
-    "compile_selection",
-    "format_indices",
-    "human_count",
-    "list_architectures",
-    "load_backbone",
-    "parse_expression",
-    "parse_indices",
-    "resolve",
-]
+import importlib
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+#: public name → the module that defines it
+_EXPORTS: MappingProxyType[str, str] = MappingProxyType({
+    "CATALOG": "engine.catalog",
+    "COMMON_NAMES": "engine.roles",
+    "DTYPE_BYTES": "engine.estimate",
+    "REGISTRY": "engine.registry",
+    "DeltaEstimate": "engine.estimate",
+    "ModelStructure": "engine.roles",
+    "Roles": "engine.roles",
+    "infer_roles": "engine.roles",
+    "atomic_write_bytes": "engine.checkpoint",
+    "checkpoint_bytes": "engine.estimate",
+    "estimate_delta": "engine.estimate",
+    "expand_common_names": "engine.roles",
+    "module_parameters": "engine.estimate",
+    "export_peft": "engine.interop.peft",
+    "import_peft": "engine.interop.peft",
+    "peft_adapter_config": "engine.interop.peft",
+    "training_memory": "engine.estimate",
+    "AdapterConfig": "engine.methods.adapter",
+    "AdapterModel": "engine.methods.adapter",
+    "AppliedDesign": "engine.design",
+    "AutoDeltaConfig": "engine.auto",
+    "AutoDeltaModel": "engine.auto",
+    "BitFitConfig": "engine.methods.bitfit",
+    "BitFitModel": "engine.methods.bitfit",
+    "CompacterConfig": "engine.methods.compacter",
+    "CompacterModel": "engine.methods.compacter",
+    "IA3Config": "engine.methods.ia3",
+    "IA3Model": "engine.methods.ia3",
+    "LowRankAdapterConfig": "engine.methods.low_rank_adapter",
+    "LowRankAdapterModel": "engine.methods.low_rank_adapter",
+    "ParallelAdapterConfig": "engine.methods.parallel_adapter",
+    "ParallelAdapterModel": "engine.methods.parallel_adapter",
+    "SoftPromptConfig": "engine.methods.soft_prompt",
+    "SoftPromptModel": "engine.methods.soft_prompt",
+    "DeltaBase": "engine.delta",
+    "DeltaConfig": "engine.config",
+    "DeltaModule": "engine.layers",
+    "Design": "engine.design",
+    "DesignMismatchError": "engine.design",
+    "LoraConfig": "engine.methods.lora",
+    "LoraModel": "engine.methods.lora",
+    "PrefixConfig": "engine.methods.prefix",
+    "PrefixModel": "engine.methods.prefix",
+    "Route": "engine.routing",
+    "attach_route": "engine.routing",
+    "tasks": "engine.mixed_batches",
+    "method_for": "engine.registry",
+    "register": "engine.registry",
+    "registered_methods": "engine.registry",
+    "DEFAULT_SOURCE": "engine.backbones",
+    "AddressingError": "engine.errors",
+    "Backbone": "engine.backbones",
+    "BackboneError": "engine.errors",
+    "BackboneNotFoundError": "engine.errors",
+    "CatalogEntry": "engine.catalog",
+    "CheckpointError": "engine.errors",
+    "ConfigError": "engine.errors",
+    "DeltaError": "engine.errors",
+    "DeltaStateError": "engine.errors",
+    "InvalidExpressionError": "engine.errors",
+    "MatchReport": "engine.addressing",
+    "ModuleNotSupportedError": "engine.errors",
+    "ModuleTree": "engine.tree",
+    "NoMatchError": "engine.errors",
+    "PickleRefusedError": "engine.errors",
+    "TreeNode": "engine.tree",
+    "UnknownBackboneError": "engine.errors",
+    "UnknownPathError": "engine.errors",
+    "Visualization": "engine.visualize",
+    "build_on_meta": "engine.backbones",
+    "compile_selection": "engine.addressing",
+    "format_indices": "engine.tree",
+    "human_count": "engine.visualize",
+    "list_architectures": "engine.backbones",
+    "load_backbone": "engine.backbones",
+    "parse_expression": "engine.addressing",
+    "parse_indices": "engine.tree",
+    "resolve": "engine.addressing",
+})
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from engine.addressing import (  # noqa: F401
+        MatchReport,
+        compile_selection,
+        parse_expression,
+        resolve,
+    )
+    from engine.auto import AutoDeltaConfig, AutoDeltaModel  # noqa: F401
+    from engine.backbones import (  # noqa: F401
+        DEFAULT_SOURCE,
+        Backbone,
+        build_on_meta,
+        list_architectures,
+        load_backbone,
+    )
+    from engine.catalog import CATALOG, CatalogEntry  # noqa: F401
+    from engine.checkpoint import atomic_write_bytes  # noqa: F401
+    from engine.config import DeltaConfig  # noqa: F401
+    from engine.delta import DeltaBase  # noqa: F401
+    from engine.design import AppliedDesign, Design, DesignMismatchError  # noqa: F401
+    from engine.errors import (  # noqa: F401
+        AddressingError,
+        BackboneError,
+        BackboneNotFoundError,
+        CheckpointError,
+        ConfigError,
+        DeltaError,
+        DeltaStateError,
+        InvalidExpressionError,
+        ModuleNotSupportedError,
+        NoMatchError,
+        PickleRefusedError,
+        UnknownBackboneError,
+        UnknownPathError,
+    )
+    from engine.estimate import (  # noqa: F401
+        DTYPE_BYTES,
+        DeltaEstimate,
+        checkpoint_bytes,
+        estimate_delta,
+        module_parameters,
+        training_memory,
+    )
+    from engine.interop.peft import export_peft, import_peft, peft_adapter_config  # noqa: F401
+    from engine.layers import DeltaModule  # noqa: F401
+    from engine.methods.adapter import AdapterConfig, AdapterModel  # noqa: F401
+    from engine.methods.bitfit import BitFitConfig, BitFitModel  # noqa: F401
+    from engine.methods.compacter import CompacterConfig, CompacterModel  # noqa: F401
+    from engine.methods.ia3 import IA3Config, IA3Model  # noqa: F401
+    from engine.methods.lora import LoraConfig, LoraModel  # noqa: F401
+    from engine.methods.low_rank_adapter import (  # noqa: F401
+        LowRankAdapterConfig,
+        LowRankAdapterModel,
+    )
+    from engine.methods.parallel_adapter import (  # noqa: F401
+        ParallelAdapterConfig,
+        ParallelAdapterModel,
+    )
+    from engine.methods.prefix import PrefixConfig, PrefixModel  # noqa: F401
+    from engine.methods.soft_prompt import SoftPromptConfig, SoftPromptModel  # noqa: F401
+    from engine.mixed_batches import tasks  # noqa: F401
+    from engine.registry import REGISTRY, method_for, register, registered_methods  # noqa: F401
+    from engine.roles import (  # noqa: F401
+        COMMON_NAMES,
+        ModelStructure,
+        Roles,
+        expand_common_names,
+        infer_roles,
+    )
+    from engine.routing import Route, attach_route  # noqa: F401
+    from engine.tree import ModuleTree, TreeNode, format_indices, parse_indices  # noqa: F401
+    from engine.visualize import Visualization, human_count  # noqa: F401

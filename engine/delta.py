@@ -23,13 +23,13 @@ from engine.config import DeltaConfig
 from engine.errors import ConfigError, DeltaStateError
 from engine.layers import DeltaModule
 from engine.locking import model_lock
+from engine.mixed_batches import RowSelector
 from engine.planning import Planning
 from engine.probe import module_device_dtype
 from engine.roles import IOSizes, ModelStructure, declared_sizes, expand_common_names
 from engine.roles.kinds import mixture_sizes
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import probe_sizes
-from engine.tasks import RowSelector
 from engine.visualize import Visualization
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -85,7 +85,7 @@ class DeltaBase(Planning, nn.Module):
         object.__setattr__(self, "backbone_model", backbone_model)  # not a submodule
         self._handles: list[RouteHandle] = []
         self._attached = False
-        #: which rows of a mixed-task batch this delta acts on (see engine.tasks), set on attach
+        #: which rows of a mixed-task batch this delta acts on (see engine.mixed_batches), set on attach
         self.row_selector = RowSelector(backbone_model, str(config.name))
         self._state_dict_handle: Any = None
         #: backbone modules that train with this delta (set by freeze_module, saved with it)
@@ -197,7 +197,7 @@ class DeltaBase(Planning, nn.Module):
             for path, module in targets.items():
                 delta = self.delta_modules[_key(path)]
                 module.add_module(self.name, delta)
-                delta.__dict__["_row_selector"] = self.row_selector  # found by engine.tasks
+                delta.__dict__["_row_selector"] = self.row_selector  # found by engine.mixed_batches
                 self._handles.append(self.wire(path, module, delta))
             self._attached = True
         return self

@@ -141,7 +141,7 @@ COMBINE = MappingProxyType({"add": _added, "multiply": _scaled})
 
 
 #: ``select(like, where)``: ``None`` (every row takes the delta) or the indices along ``like``'s
-#: leading dimension of the rows that do, inside a mixed-task batch (see :mod:`engine.tasks`).
+#: leading dimension of the rows that do, inside a mixed-task batch (see :mod:`engine.mixed_batches`).
 RowSelect = Callable[..., "torch.Tensor | None"]
 
 

@@ -45,8 +45,10 @@ def test_page_has_a_strict_csp_and_no_inline_script(client):
 
 
 def test_api_tree_and_health(client):
-    assert client.get("/api/health").get_json() == {"status": "ok"}
+    assert client.get("/api/health").get_json() == {
+        "status": "ok", "backbone": {"source": "catalog:gpt2", "state": "not loaded"}}
     client.get("/")
+    assert client.get("/api/health").get_json()["backbone"]["state"] == "ready"
     payload = client.get("/api/tree").get_json()
     assert payload["backbone"]["class_name"] == "GPT2LMHeadModel"
     assert payload["backbone"]["is_meta"] is True

@@ -6,6 +6,7 @@ system Chromium; ``playwright install`` is never needed.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -44,7 +45,7 @@ def free_port() -> int:
 
 
 def start_server(backbone: str, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
-    """Run ``delta-designer serve`` and wait until it answers /api/health."""
+    """Run ``delta-designer serve`` and wait until /api/health says its backbone is ready."""
     port = free_port()
     command = [sys.executable, "-m", "designer.cli", "serve", "--port", str(port),
                "--backbone", backbone, *(extra or [])]
@@ -58,8 +59,12 @@ def start_server(backbone: str, extra: list[str] | None = None) -> tuple[subproc
             raise RuntimeError(f"designer server exited with {process.returncode}; see {log.name}")
         try:
             with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
-                if response.status == 200:
+                state = json.load(response)["backbone"]["state"]
+                if state == "ready":  # it listens at once and loads its backbone meanwhile
                     return process, url
+                if state == "failed":
+                    raise RuntimeError(f"designer server could not load {backbone}; see {log.name}")
+                time.sleep(0.2)
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.2)
     process.kill()
