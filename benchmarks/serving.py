@@ -37,9 +37,20 @@ TASKS = 8
 ROWS = 32
 
 
-def alternate(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each contender, run in turn ``repeats`` times after one warm-up. A
-    contender that returns a float has timed itself (leaving out its own set-up)."""
+class Timings(dict):
+    """Contender → seconds of each round; ``ms`` gives the median, ``ratio`` the median over
+    rounds of one contender's time over another's (robust to the machine's drift)."""
+
+    def ms(self, name: str) -> float:
+        return statistics.median(self[name]) * 1e3
+
+    def ratio(self, name: str, reference: str) -> float:
+        return statistics.median(a / b for a, b in zip(self[name], self[reference]))
+
+
+def alternate(contenders: dict[str, Callable[[], object]], repeats: int) -> Timings:
+    """Seconds of each contender, run in turn ``repeats`` times after one warm-up. A contender
+    that returns a float has timed itself (leaving out its own set-up)."""
     for run in contenders.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -48,7 +59,7 @@ def alternate(contenders: dict[str, Callable[[], object]], repeats: int) -> dict
             start = time.perf_counter()
             timed = run()
             times[name].append(timed if isinstance(timed, float) else time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return Timings(times)
 
 
 def backbones() -> dict[str, Callable[[], torch.nn.Module]]:
@@ -65,7 +76,7 @@ def backbones() -> dict[str, Callable[[], torch.nn.Module]]:
     return {"BERT-base": bert, "llama 4×1024": llama}
 
 
-def mixed_batch_rows(repeats: int, length: int) -> list[tuple[str, dict[str, float]]]:
+def mixed_batch_rows(repeats: int, length: int) -> list[tuple[str, Timings]]:
     rows = []
     for label, build in backbones().items():
         ours = build()
@@ -126,7 +137,7 @@ def mixed_batch_rows(repeats: int, length: int) -> list[tuple[str, dict[str, flo
     return rows
 
 
-def unmerged_rows(repeats: int) -> list[tuple[str, dict[str, float]]]:
+def unmerged_rows(repeats: int) -> list[tuple[str, Timings]]:
     rows = []
     for batch, length in ((8, 128), (1, 16)):
         model = backbones()["BERT-base"]()
@@ -147,7 +158,7 @@ def unmerged_rows(repeats: int) -> list[tuple[str, dict[str, float]]]:
 
         with torch.inference_mode():
             timed = alternate({"ours": lambda: model(input_ids=ids), "plain backbone": plain,
-                               "PEFT": lambda: peft_model(input_ids=ids)}, repeats * (1 if batch > 1 else 8))
+                               "PEFT": lambda: peft_model(input_ids=ids)}, repeats * (3 if batch > 1 else 20))
         rows.append((f"BERT-base {batch}×{length}", timed))
     return rows
 
@@ -189,50 +200,54 @@ else:
     import engine
     engine.LoraModel(model, targets, lora_r=16).freeze_module()
 ids = torch.randint(0, 30000, (8, 256))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 for _ in range(3):
     model(input_ids=ids).last_hidden_state.pow(2).mean().backward()
     optimizer.step(); optimizer.zero_grad()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def peak_memory() -> tuple[int, int]:
-    """Peak RSS in kB of 3 LoRA training steps: ours, PEFT (each in its own process)."""
-    result = []
+def peak_memory() -> dict[str, tuple[int, int]]:
+    """(peak RSS before training, peak RSS after 3 LoRA training steps) in kB, ours and PEFT's,
+    each measured in its own process."""
+    result = {}
     for who in ("ours", "peft"):
         out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, who], check=True, capture_output=True, text=True)
-        result.append(int(out.stdout.split()[-1]))
-    return result[0], result[1]
+        before, after = map(int, out.stdout.split()[-2:])
+        result[who] = (before, after)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--length", type=int, default=32, help="tokens per row of the mixed batches")
+    parser.add_argument("--lengths", default="1,32", help="tokens per row of the mixed batches (comma list): "
+                        "1 is a decoding step, where per-forward costs weigh most; 32 a short request")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=150)
 
-    table = Table(title=f"Mixed batch: {TASKS} LoRA tasks (r=8, q,v) × {ROWS} rows × {args.length} tokens, "
-                        f"inference, medians of {args.repeats}")
-    for column in ("backbone", "ours ms", "PEFT ms", "ours/PEFT (≤0.8)", "one task ms", "ours/one (≤1.15)",
+    table = Table(title=f"Mixed batch: {TASKS} LoRA tasks (r=8, q,v) × {ROWS} rows, inference, medians of "
+                        f"{args.repeats} (ratios: medians of per-round ratios)")
+    for column in ("backbone", "tokens", "ours ms", "PEFT ms", "ours/PEFT (≤0.8)", "one task ms", "ours/one (≤1.15)",
                    "plain ms", "switching ms", "switching/ours (≥3)"):
         table.add_column(column, justify="right")
-    for label, t in mixed_batch_rows(args.repeats, args.length):
-        one = t["one task alone"]
-        table.add_row(label, f"{t['ours mixed'] * 1e3:.1f}", f"{t['PEFT mixed'] * 1e3:.1f}",
-                      f"{t['ours mixed'] / t['PEFT mixed']:.3f}", f"{one * 1e3:.1f}", f"{t['ours mixed'] / one:.3f}",
-                      f"{t['plain backbone'] * 1e3:.1f}", f"{t['switching'] * 1e3:.1f}",
-                      f"{t['switching'] / t['ours mixed']:.2f}")
+    for length, (label, t) in ((int(n), row) for n in args.lengths.split(",")
+                               for row in mixed_batch_rows(args.repeats, int(n))):
+        table.add_row(label, str(length), f"{t.ms('ours mixed'):.1f}", f"{t.ms('PEFT mixed'):.1f}",
+                      f"{t.ratio('ours mixed', 'PEFT mixed'):.3f}", f"{t.ms('one task alone'):.1f}",
+                      f"{t.ratio('ours mixed', 'one task alone'):.3f}", f"{t.ms('plain backbone'):.1f}",
+                      f"{t.ms('switching'):.1f}", f"{t.ratio('switching', 'ours mixed'):.2f}")
     console.print(table)
 
     table = Table(title="Unmerged LoRA inference (r=8 on q,v), medians")
     for column in ("shape", "ours ms", "plain ms", "ours/plain (≤1.02)", "PEFT ms", "ours/PEFT (≤1)"):
         table.add_column(column, justify="right")
     for label, t in unmerged_rows(args.repeats):
-        table.add_row(label, f"{t['ours'] * 1e3:.2f}", f"{t['plain backbone'] * 1e3:.2f}",
-                      f"{t['ours'] / t['plain backbone']:.3f}", f"{t['PEFT'] * 1e3:.2f}", f"{t['ours'] / t['PEFT']:.3f}")
+        table.add_row(label, f"{t.ms('ours'):.2f}", f"{t.ms('plain backbone'):.2f}",
+                      f"{t.ratio('ours', 'plain backbone'):.3f}", f"{t.ms('PEFT'):.2f}", f"{t.ratio('ours', 'PEFT'):.3f}")
     console.print(table)
 
     table = Table(title="Start-up, fresh interpreters, medians")
@@ -243,9 +258,12 @@ def main() -> None:
     console.print(table)
 
     if not args.skip_memory:
-        ours, peft = peak_memory()
+        memory = peak_memory()
+        (ours_before, ours), (peft_before, peft) = memory["ours"], memory["peft"]
         console.print(f"LoRA training peak RSS (r=16 on q,k,v,dense, 8×256, 3 steps): ours {ours / 1024:.0f} MB, "
-                      f"PEFT {peft / 1024:.0f} MB, ratio {ours / peft:.3f} (≤0.8)")
+                      f"PEFT {peft / 1024:.0f} MB, ratio {ours / peft:.3f} (≤0.8); above the loaded model "
+                      f"(ours {ours_before / 1024:.0f} MB, PEFT {peft_before / 1024:.0f} MB before training): "
+                      f"ratio {(ours - ours_before) / (peft - peft_before):.3f}")
 
 
 if __name__ == "__main__":

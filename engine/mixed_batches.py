@@ -36,6 +36,8 @@ class TaskRows:
     def __init__(self, names: Sequence[str | None]) -> None:
         self.names = tuple(names)
         self._indices: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+        #: per-batch values that hooks compute once and reuse (e.g. stacked LoRA factors)
+        self.memo: dict[object, object] = {}
 
     def indices(self, name: str, like: torch.Tensor, where: str) -> torch.Tensor:
         """Indices along ``like``'s leading dimension of the rows of task ``name`` (maybe empty)."""
@@ -65,11 +67,13 @@ class RowSelector:
         self.model = model
         self.name = name
 
-    def __call__(self, like: torch.Tensor, where: str = "a delta") -> torch.Tensor | None:
+    def batch(self) -> TaskRows | None:
+        """The mixed batch this thread is running on the model, if any."""
         table = self.model.__dict__.get(_ATTRIBUTE)
-        if not table:
-            return None
-        rows = table.get(threading.get_ident())
+        return table.get(threading.get_ident()) if table else None
+
+    def __call__(self, like: torch.Tensor, where: str = "a delta") -> torch.Tensor | None:
+        rows = self.batch()
         if rows is None:
             return None
         return rows.indices(self.name, like, f"{where} of delta {self.name!r}")

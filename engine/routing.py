@@ -209,7 +209,8 @@ def attach_route(
     modules whose backward never reads their output (Linear, Conv1D, Embedding, Conv2d).
     ``select`` restricts the delta to some rows of the batch (mixed-task batches). A delta with
     an ``add_into(input, output) -> bool`` method may add its update into the output itself
-    (in place, add, every row); it returns False to take the general path instead.
+    (in place, add, every row), and one with ``add_mixed_into(module, input, output) -> bool``
+    may do so for every row of a mixed batch at once; False takes the general path instead.
     """
     route = Route.parse(route)
     if mode not in COMBINE:
@@ -242,6 +243,9 @@ def attach_route(
             source = first_tensor(args, kwargs)
             rows = pick(target, type(mod).__name__)
             if rows is not None:
+                if in_place and mode == "add" and hasattr(delta, "add_mixed_into") and delta.add_mixed_into(
+                        mod, source, target):
+                    return output  # the module's deltas added every row's update at once
                 if not rows.numel():
                     return output
                 update = run_delta(delta, source.index_select(0, pick(source, type(mod).__name__)), target)

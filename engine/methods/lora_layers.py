@@ -12,6 +12,7 @@ The update starts at zero (B = 0), so attaching changes no output.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -46,23 +47,70 @@ class LoraLayer(DeltaModule):
             return None  # the update lives in the backbone weight
         return self._lora(self.dropout(hidden))
 
+    def _computes_directly(self, hidden: torch.Tensor, target: torch.Tensor) -> bool:
+        """Whether the update may be computed from the factors without calling this module:
+        not while training, with dropout active, across dtypes, for DoRA, or when the module
+        carries hooks of its own (FSDP's, say), which only a module call would run."""
+        weight_a, weight_b = self.lora_A.weight, self.lora_B.weight
+        return not (self.merged or self.dora or (self.training and isinstance(self.dropout, nn.Dropout))
+                    or not (weight_a.dtype == hidden.dtype == target.dtype)
+                    or (torch.is_grad_enabled() and (weight_a.requires_grad or weight_b.requires_grad
+                                                     or hidden.requires_grad or target.requires_grad))
+                    or self._forward_pre_hooks or self._forward_hooks or _has_global_hooks()
+                    or not target.is_contiguous())
+
     def add_into(self, hidden: torch.Tensor, target: torch.Tensor) -> bool:
         """Inference fast path: ``target += B·(A·hidden)·scaling`` as one small GEMM and one
         ``addmm_`` into the layer's output — no update tensor, no extra pass over the output.
-        False (the caller takes the general path) while training, with dropout active, across
-        dtypes, for DoRA, or when the module carries hooks of its own (FSDP's, say), which only a
-        module call would run."""
-        weight_a, weight_b = self.lora_A.weight, self.lora_B.weight
-        if (self.merged or self.dora or (self.training and isinstance(self.dropout, nn.Dropout))
-                or not (weight_a.dtype == hidden.dtype == target.dtype)
-                or (torch.is_grad_enabled() and (weight_a.requires_grad or weight_b.requires_grad
-                                                 or hidden.requires_grad or target.requires_grad))
-                or self._forward_pre_hooks or self._forward_hooks or _has_global_hooks()
-                or not target.is_contiguous()):
+        False (the caller takes the general path) when :meth:`_computes_directly` says no."""
+        if not self._computes_directly(hidden, target):
             return False
         flat = target.view(-1, target.shape[-1])
-        flat.addmm_(F.linear(hidden.reshape(-1, hidden.shape[-1]), weight_a), weight_b.t(), alpha=self.scaling)
+        flat.addmm_(F.linear(hidden.reshape(-1, hidden.shape[-1]), self.lora_A.weight),
+                    self.lora_B.weight.t(), alpha=self.scaling)
         return True
+
+    def add_mixed_into(self, module: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> bool:
+        """Inference in a mixed-task batch when every delta on ``module`` is a LoRA layer: the
+        first one adds every row's own task's update in two batched GEMMs (factors gathered per
+        row, S-LoRA/Punica style), and the others find it done. False: take the per-delta path."""
+        batch = self.__dict__["_row_selector"].batch()
+        done_key = ("lora rows added", id(module))
+        first = next(child for child in module._modules.values() if isinstance(child, DeltaModule))
+        if first is not self:
+            done = batch.memo.get(done_key)
+            return done is not None and done() is target
+        layers = [child for child in module._modules.values() if isinstance(child, DeltaModule)]
+        if not all(type(layer) is LoraLayer and layer._computes_directly(hidden, target) for layer in layers):
+            return False
+        slot = _row_slots(batch, layers, target, type(module).__name__)
+        batch.memo[done_key] = weakref.ref(target)
+        if slot is None:
+            return True  # no row of this batch belongs to a task with LoRA here
+        stack_a, stack_b = self._stacked(layers)
+        rows = target.shape[0]
+        low = torch.bmm(hidden.reshape(rows, -1, hidden.shape[-1]), stack_a.index_select(0, slot).transpose(1, 2))
+        target.view(rows, -1, target.shape[-1]).baddbmm_(low, stack_b.index_select(0, slot).transpose(1, 2))
+        return True
+
+    def _stacked(self, layers: list[LoraLayer]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's A (scaled) and B stacked, padded with zeros to the largest rank, plus a
+        last slot of zeros (rows of other tasks); kept on this layer until a factor changes."""
+        key = tuple((id(layer), layer.lora_A.weight._version, layer.lora_B.weight._version, layer.scaling)
+                    for layer in layers)
+        kept = self.__dict__.get("_stacked_factors")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        rank = max(layer.lora_A.weight.shape[0] for layer in layers)
+        weight = layers[0].lora_A.weight
+        stack_a = weight.new_zeros(len(layers) + 1, rank, weight.shape[1])
+        stack_b = weight.new_zeros(len(layers) + 1, layers[0].lora_B.weight.shape[0], rank)
+        for index, layer in enumerate(layers):
+            own = layer.lora_A.weight.shape[0]
+            stack_a[index, :own] = layer.lora_A.weight * layer.scaling
+            stack_b[index, :, :own] = layer.lora_B.weight
+        self.__dict__["_stacked_factors"] = (key, (stack_a, stack_b))
+        return stack_a, stack_b
 
     def _lora(self, dropped: torch.Tensor) -> torch.Tensor:
         # scaling the rank-r intermediate costs out/r times less than scaling the output
@@ -134,6 +182,19 @@ class LoraLayer(DeltaModule):
             else:
                 weight.sub_(self.update().to(weight.dtype))
         self.merged = False
+
+
+def _row_slots(batch: Any, layers: list[LoraLayer], target: torch.Tensor, where: str) -> torch.Tensor | None:
+    """Per row of ``target``, the index of its task's layer in ``layers`` (``len(layers)``: none);
+    None when no row has one. Computed once per batch for each arrangement of tasks."""
+    selectors = [layer.__dict__["_row_selector"] for layer in layers]
+    key = ("lora slots", tuple(s.name for s in selectors), target.shape[0], target.device)
+    if key not in batch.memo:
+        slot = torch.full((target.shape[0],), len(layers), dtype=torch.long)
+        for index, selector in enumerate(selectors):
+            slot[selector(target, where).cpu()] = index
+        batch.memo[key] = slot.to(target.device) if bool((slot < len(layers)).any()) else None
+    return batch.memo[key]
 
 
 def _has_global_hooks() -> bool:

@@ -288,3 +288,35 @@ def test_another_thread_outside_the_block_still_runs_every_attached_delta():
             worker.start()
             worker.join()
     assert torch.equal(seen[0], full) and not torch.allclose(bare, full)
+
+
+def test_lora_deltas_sharing_modules_are_computed_together_and_see_factor_changes():
+    """Where every delta on a module is LoRA, one hook adds all rows' updates from factors
+    stacked once and kept; changing a factor is seen by the next forward."""
+    model = tiny_model("llama", dtype=torch.float64)
+    deltas = {"a": _make(model, "lora", "a", 0), "b": _make(model, "lora", "b", 1)}
+    with torch.no_grad():  # a different rank, padded with exact zeros
+        deltas["c"] = engine.LoraModel(model, ["attn.q"], lora_r=3, name="c")
+        deltas["c"].delta_modules[next(iter(deltas["c"].delta_modules))].lora_B.weight.normal_()
+    first_layer = next(iter(deltas["a"].delta_modules.values()))
+    inputs = _inputs("llama", 4)
+    tasks = ["c", "a", None, "b"]
+
+    def check(mixed: torch.Tensor) -> None:
+        for index, task in enumerate(tasks):
+            alone = _alone(deltas, task, lambda i=index: main_tensor(model(**_row(inputs, i))))
+            assert (mixed[index] - alone[0]).abs().max().item() <= 1e-12, (index, task)
+
+    with torch.no_grad():
+        with engine.tasks(model, tasks):
+            first = main_tensor(model(**inputs))
+        stacked = first_layer.__dict__["_stacked_factors"][1]
+        with engine.tasks(model, tasks):
+            model(**inputs)
+        assert first_layer.__dict__["_stacked_factors"][1] is stacked  # kept across batches
+        first_layer.lora_B.weight.mul_(3)
+        with engine.tasks(model, tasks):
+            second = main_tensor(model(**inputs))
+        assert first_layer.__dict__["_stacked_factors"][1] is not stacked
+        assert not torch.allclose(first[1], second[1])
+        check(second)
