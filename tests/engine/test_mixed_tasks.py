@@ -29,7 +29,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "prefix": {"delta_type": "prefix", "reparameterize": False},
     "prefix_mlp": {"delta_type": "prefix", "reparameterize": True},
 }
-KINDS = ["bert", "gpt2", "llama", "t5"]
+KINDS = ["bert", "gpt2", "llama", "t5", "opt"]  # OPT flattens tokens into the batch dimension in its FFN
 
 
 def _make(model: torch.nn.Module, method: str, name: str, seed: int) -> engine.DeltaBase:
