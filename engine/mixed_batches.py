@@ -82,12 +82,16 @@ class RowSelector:
 def attached_layers(model: nn.Module) -> dict[str, list[DeltaModule]]:
     """Task (delta) name → the top-level delta layers attached under that name in ``model``."""
     found: dict[str, list[DeltaModule]] = {}
-    for module in model.modules():
-        if isinstance(module, DeltaModule):
-            continue
-        for name, child in module._modules.items():
+    stack, seen = [model], {id(model)}  # iterative: this runs on entering every mixed batch
+    while stack:
+        for name, child in stack.pop()._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
             if isinstance(child, DeltaModule):
                 found.setdefault(name, []).append(child)
+            else:
+                stack.append(child)
     return found
 
 

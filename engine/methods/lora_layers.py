@@ -88,9 +88,18 @@ class LoraLayer(DeltaModule):
         if slot is None:
             return True  # no row of this batch belongs to a task with LoRA here
         stack_a, stack_b = self._stacked(layers)
-        rows = target.shape[0]
+        rows, width = target.shape[0], target.shape[-1]
+        tasks, rank = stack_a.shape[0] - 1, stack_a.shape[1]
+        if (target.numel() // (rows * width)) * tasks <= _DENSE_LIMIT:
+            # few tokens a row: every task's factors on every row in two small dense GEMMs, the
+            # other tasks' columns zeroed per row — cheaper than gathering factors per row
+            low = F.linear(hidden.reshape(-1, hidden.shape[-1]), stack_a[:-1].reshape(tasks * rank, -1))
+            own = torch.eye(tasks + 1, tasks, dtype=low.dtype, device=low.device).index_select(0, slot)
+            low.view(rows, -1, tasks, rank).mul_(own[:, None, :, None])
+            target.view(-1, width).addmm_(low, stack_b[:-1].permute(0, 2, 1).reshape(tasks * rank, width))
+            return True
         low = torch.bmm(hidden.reshape(rows, -1, hidden.shape[-1]), stack_a.index_select(0, slot).transpose(1, 2))
-        target.view(rows, -1, target.shape[-1]).baddbmm_(low, stack_b.index_select(0, slot).transpose(1, 2))
+        target.view(rows, -1, width).baddbmm_(low, stack_b.index_select(0, slot).transpose(1, 2))
         return True
 
     def _stacked(self, layers: list[LoraLayer]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +191,11 @@ class LoraLayer(DeltaModule):
             else:
                 weight.sub_(self.update().to(weight.dtype))
         self.merged = False
+
+
+#: tokens per row × tasks up to which a mixed batch computes every task's LoRA on every row (two
+#: dense GEMMs) rather than gathering each row's factors (memory traffic of rows × rank × width)
+_DENSE_LIMIT = 32
 
 
 def _row_slots(batch: Any, layers: list[LoraLayer], target: torch.Tensor, where: str) -> torch.Tensor | None:
