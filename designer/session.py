@@ -232,11 +232,8 @@ class DesignSession:
         """Replace the groups by an imported design; its recorded modules must still match."""
         with self.lock:
             loaded, _ = self.require()
-            unfrozen_paths: list[str] = []
-            if design.deltas or design.unfrozen_modules:  # an empty design clears the page
-                applied = design.apply(loaded.twin)  # checks resolved_modules, raises on mismatch
-                applied.detach()
-                unfrozen_paths = applied.unfrozen_paths
+            # planned on the shared twin, nothing attached to it; raises on a recorded mismatch
+            _, unfrozen_paths = design.plan(loaded.twin, loaded.structure)
             groups = []
             for index, config in enumerate(design.deltas, start=1):
                 selection = resolve(loaded.twin_tree, expand_common_names(

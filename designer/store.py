@@ -70,7 +70,7 @@ class SessionStore:
         return self.directory / f"{session_id}.json"
 
     def _save(self, session_id: str, state: dict[str, Any]) -> None:
-        atomic_write_bytes(self._path(session_id), json.dumps(state, indent=1).encode())
+        atomic_write_bytes(self._path(session_id), json.dumps(state, indent=1, allow_nan=False).encode())
 
     def _restore(self, session: DesignSession) -> None:
         path = self._path(session.id)

@@ -140,15 +140,17 @@ def build() -> Response:
     loaded, _ = session.require()
     design = session.design()
     model = loaded.backbone.model
-    with loaded.lock:
+    with loaded.lock:  # one build at a time on the shared model, undone completely whatever happens
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        applied = design.apply(model)
+        applied = None
         try:
+            applied = design.apply(model)  # detaches what it attached if it fails
             built_tree = ModuleTree.from_model(model).collapse().to_dict()
             trainable = applied.num_trainable_parameters()
             per_delta = {d.name: d.own_trainable_parameters() for d in applied.deltas}
         finally:
-            applied.detach()
+            if applied is not None:
+                applied.detach()
             for name, parameter in model.named_parameters():
                 parameter.requires_grad_(flags[name])
     return jsonify({"trainable": trainable, "deltas": per_delta,

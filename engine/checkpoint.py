@@ -2,8 +2,12 @@
 writes (a config dict and named tensors); which class to build and how to fill it is
 :mod:`engine.delta`'s business.
 
-Files are written to temporary names, flushed to disk and renamed into place, so a crash never
-leaves a half-written file under the final name.
+A checkpoint's files change together or not at all: the new files are written beside the old ones
+under staging names and synced, then a commit marker (written atomically) names them, then each is
+renamed into place and the marker removed. A crash before the marker leaves the old checkpoint
+(the staged files are discarded by the next read or write); a crash after it leaves a checkpoint
+that the next read or write finishes. Either way a reader sees the previous or the new version,
+never the new weights with the old config.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ RECORD_KEYS = ("format", "resolved_modules", "backbone_class", "trainable_parame
 #: Tensor-name prefixes: parameters shared by all of a delta's modules, and backbone tensors that
 #: trained with the delta (its unfrozen modules). Module paths never contain "::".
 SHARED_PREFIX = "shared::"
+#: The marker naming the staged files of a write in progress (see the module docstring).
+COMMIT_FILE = ".delta-commit"
+#: Files written by this engine (ours and PEFT's layout): their temporary leftovers are removed.
+KNOWN_FILES = ("config.json", "delta.safetensors", "adapter_config.json", "adapter_model.safetensors")
 BACKBONE_PREFIX = "backbone::"
 
 
@@ -46,23 +54,87 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` as a safetensors file atomically (delta checkpoints are small)."""
-    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, safetensors_bytes(data, metadata=metadata))
+def safetensors_data(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """``tensors`` serialised as a safetensors file."""
+    return safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
 
 
-def write_checkpoint(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write the weights, then the config (its ``delta_type`` names the tensors' owner)."""
+def _synced_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make renames and removals in ``directory`` durable."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _staged(directory: Path, name: str) -> Path:
+    return directory / f".{name}.staged"
+
+
+def write_files_together(directory: Path, files: dict[str, bytes]) -> Path:
+    """Replace the files named in ``files`` in ``directory`` as one unit (see the module
+    docstring); one writer at a time per directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_safetensors(directory / WEIGHTS_FILE, tensors,
-                             {"format": CHECKPOINT_FORMAT, "delta_type": str(config["delta_type"])})
-    atomic_write_bytes(directory / CONFIG_FILE, json.dumps({"format": CHECKPOINT_FORMAT, **config},
-                                                           indent=2, allow_nan=False).encode())
+    recover(directory)
+    try:
+        for name, data in files.items():
+            _synced_write(_staged(directory, name), data)
+        atomic_write_bytes(directory / COMMIT_FILE, json.dumps(sorted(files)).encode())
+    except BaseException:
+        for name in files:
+            _staged(directory, name).unlink(missing_ok=True)
+        raise
+    _roll_forward(directory)
     return directory
 
 
+def _roll_forward(directory: Path) -> None:
+    """Finish a committed write: rename its staged files into place, then drop the marker."""
+    names = json.loads((directory / COMMIT_FILE).read_text())
+    for name in names:
+        staged = _staged(directory, name)
+        if staged.exists():
+            os.replace(staged, directory / name)
+    _sync_directory(directory)
+    (directory / COMMIT_FILE).unlink()
+    _sync_directory(directory)
+
+
+def recover(directory: Path) -> None:
+    """Finish a write that reached its commit marker, or discard one that did not (and any
+    temporary files an interrupted write left); nothing to do for an intact checkpoint."""
+    if not directory.is_dir():
+        return
+    leftovers = [p for p in directory.iterdir() if p.name.startswith(".") and (
+        p.name.endswith(".staged") or (p.name.startswith(f".{COMMIT_FILE}.") and p.name != COMMIT_FILE)
+        or any(p.name.startswith(f".{known}.") for known in KNOWN_FILES))]
+    try:
+        if (directory / COMMIT_FILE).exists():
+            _roll_forward(directory)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"{str(directory)!r} holds an interrupted save that could not be finished "
+                              f"({exc}); give this process write access to it, or save again") from exc
+
+
+def write_checkpoint(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write the weights and the config (its ``delta_type`` names the tensors' owner) together."""
+    weights = safetensors_data(tensors, {"format": CHECKPOINT_FORMAT, "delta_type": str(config["delta_type"])})
+    text = json.dumps({"format": CHECKPOINT_FORMAT, **config}, indent=2, allow_nan=False)
+    return write_files_together(directory, {WEIGHTS_FILE: weights, CONFIG_FILE: text.encode()})
+
+
 def read_config(directory: Path) -> dict[str, Any]:
+    recover(directory)
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(
@@ -92,7 +164,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The config (as saved) and every tensor of a checkpoint directory."""
+    """The config (as saved) and every tensor of a checkpoint directory (an interrupted save is
+    finished or discarded first, so both are of one version)."""
     return read_config(directory), read_safetensors(directory / WEIGHTS_FILE)
 
 

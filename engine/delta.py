@@ -194,11 +194,15 @@ class DeltaBase(Planning, nn.Module):
             if any(layer.training != mode for layer in self.delta_modules.values()):
                 self.train(mode)
             self.row_selector = RowSelector(self.backbone_model, self.name)
-            for path, module in targets.items():
-                delta = self.delta_modules[_key(path)]
-                module.add_module(self.name, delta)
-                delta.__dict__["_row_selector"] = self.row_selector  # found by engine.mixed_batches
-                self._handles.append(self.wire(path, module, delta))
+            try:
+                for path, module in targets.items():
+                    delta = self.delta_modules[_key(path)]
+                    module.add_module(self.name, delta)
+                    delta.__dict__["_row_selector"] = self.row_selector  # found by engine.mixed_batches
+                    self._handles.append(self.wire(path, module, delta))
+            except BaseException:  # all or nothing: unwire what this call wired
+                self._unwire(targets)
+                raise
             self._attached = True
         return self
 
@@ -208,13 +212,18 @@ class DeltaBase(Planning, nn.Module):
             if not self._attached:
                 raise DeltaStateError(f"delta {self.name!r} is not attached; attach() it first")
             self.before_detach()
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
-            for module in self._modules_by_path().values():
-                del module._modules[self.name]
+            self._unwire(self._modules_by_path())
             self._attached = False
         return self
+
+    def _unwire(self, targets: dict[str, nn.Module]) -> None:
+        """Remove this delta's hooks and its delta modules from ``targets`` (those it is in)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for path, module in targets.items():
+            if module._modules.get(self.name) is self.delta_modules[_key(path)]:
+                del module._modules[self.name]
 
     def before_detach(self) -> None:
         """Hook for methods that must undo something first (LoRA unmerges)."""

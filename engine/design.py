@@ -13,11 +13,12 @@ from typing import Any
 from torch import nn
 
 from engine.addressing import resolve
-from engine.auto import AutoDeltaConfig, AutoDeltaModel
+from engine.auto import AutoDeltaConfig
 from engine.config import DeltaConfig
 from engine.delta import DeltaBase
 from engine.errors import ConfigError, DeltaError
 from engine.estimate import estimate_delta, module_parameters
+from engine.registry import method_for
 from engine.roles import ModelStructure, expand_common_names
 from engine.tree import ModuleTree
 
@@ -96,36 +97,48 @@ class Design:
             raise ConfigError(
                 "this design has no delta and unfreezes no module, so building it would train "
                 "nothing; add a delta group (or unfreeze a module) first")
-        deltas = [AutoDeltaModel.from_config(c, model, attach=False) for c in self.deltas]
-        for delta, recorded in zip(deltas, self.recorded or [{}] * len(deltas)):
-            expected = recorded.get("resolved_modules")
-            if expected is not None and list(expected) != delta.modified_paths:
-                missing = [p for p in expected if p not in delta.modified_paths]
-                extra = [p for p in delta.modified_paths if p not in expected]
-                raise DesignMismatchError(
-                    f"delta {delta.name!r} resolves to other modules on this backbone than when it "
-                    f"was designed: no longer matched {missing[:6]}; newly matched {extra[:6]}"
-                )
         structure = ModelStructure(model)
-        unfrozen = (
-            resolve(structure.tree, expand_common_names(structure, self.unfrozen_modules)).paths
-            if self.unfrozen_modules else []
-        )
-        attached: list[DeltaBase] = []
+        planned, unfrozen = self.plan(model, structure)
+        deltas = [method_for(c.delta_type)(model, config=c, attach=False, paths=paths, structure=structure)
+                  for c, paths in zip(self.deltas, planned)]
         try:
             for delta in deltas:
-                attached.append(delta.attach())
+                delta.attach()
             for delta in deltas:
                 delta.freeze_module(exclude=["deltas", *self.unfrozen_modules], set_state_dict=False)
         except BaseException:
-            for delta in reversed(attached):
-                delta.detach()
+            for delta in reversed(deltas):
+                if delta.is_attached:
+                    delta.detach()
             raise
         if not deltas:  # only unfrozen modules train
             keep = {id(p) for path in unfrozen for p in structure.modules[path].parameters()}
             for parameter in model.parameters():
                 parameter.requires_grad_(id(parameter) in keep)
         return AppliedDesign(deltas, unfrozen, model)
+
+    def plan(self, model: nn.Module, structure: ModelStructure | None = None) -> tuple[list[list[str]], list[str]]:
+        """Where each delta goes and which modules it unfreezes on ``model``, checked against the
+        modules recorded when the design was exported — nothing built or attached (the designer
+        checks imports this way on the backbone all its sessions share)."""
+        structure = structure if structure is not None else ModelStructure(model)
+        planned = []
+        for config, recorded in zip(self.deltas, self.recorded or [{}] * len(self.deltas)):
+            paths = method_for(config.delta_type).plan(model, config, structure=structure)
+            expected = recorded.get("resolved_modules")
+            if expected is not None and list(expected) != paths:
+                missing = [p for p in expected if p not in paths]
+                extra = [p for p in paths if p not in expected]
+                raise DesignMismatchError(
+                    f"delta {config.name!r} resolves to other modules on this backbone than when it "
+                    f"was designed: no longer matched {missing[:6]}; newly matched {extra[:6]}"
+                )
+            planned.append(paths)
+        unfrozen = (
+            resolve(structure.tree, expand_common_names(structure, self.unfrozen_modules)).paths
+            if self.unfrozen_modules else []
+        )
+        return planned, unfrozen
 
     def apply(self, model: nn.Module) -> AppliedDesign:
         """Alias of :meth:`build` (DESIGN.md's ``Design.apply``)."""

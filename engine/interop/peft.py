@@ -20,9 +20,10 @@ from torch import nn
 
 from engine.addressing import compile_selection
 from engine.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_safetensors,
     read_safetensors,
+    recover,
+    safetensors_data,
+    write_files_together,
 )
 from engine.delta import DeltaBase
 from engine.errors import CheckpointError, ConfigError
@@ -120,10 +121,9 @@ def export_peft(delta: DeltaBase, directory: str | Path, base_model_name_or_path
     tensors = _peft_tensors(delta)
     if any(t.is_meta for t in tensors.values()):
         raise ConfigError("this delta lives on a meta backbone and has no values to export")
-    directory = Path(directory)
-    atomic_write_safetensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
-    atomic_write_bytes(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
-    return directory
+    return write_files_together(Path(directory), {
+        WEIGHTS_FILE: safetensors_data(tensors, {"format": "pt"}),
+        CONFIG_FILE: json.dumps(config, indent=2, allow_nan=False).encode()})
 
 
 # --- import ------------------------------------------------------------------------------------
@@ -173,6 +173,7 @@ def import_peft(directory: str | Path, backbone_model: nn.Module, *, is_trainabl
     from engine.auto import AutoDeltaModel
 
     directory = Path(directory)
+    recover(directory)
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
     except FileNotFoundError as error:

@@ -131,3 +131,33 @@ def test_checkpoint_config_is_readable_json_with_the_resolved_modules(tmp_path):
     assert config["delta_type"] == "lora" and config["lora_r"] == 4
     assert config["resolved_modules"] == [f"encoder.layer.{i}.attention.self.query" for i in range(2)]
     assert AutoDeltaConfig.from_finetuned(tmp_path) == delta.config
+
+
+def test_an_attach_that_fails_halfway_leaves_no_hook_or_module_behind(monkeypatch):
+    import torch
+
+    from engine import AdapterModel, DeltaModule
+    from tests.engine.tiny import main_tensor, tiny_inputs, tiny_model
+
+    model = tiny_model("bert")
+    before = main_tensor(model(**tiny_inputs("bert")))
+    delta = AdapterModel(model, ["attn.o"], attach=False)
+    original, calls = AdapterModel.wire, []
+
+    def wire_then_fail(self, path, module, layer):  # the second module fails to wire
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("wiring failed")
+        return original(self, path, module, layer)
+
+    monkeypatch.setattr(AdapterModel, "wire", wire_then_fail)
+    with pytest.raises(RuntimeError, match="wiring failed"):
+        delta.attach()
+    assert not delta.is_attached
+    assert not any(isinstance(m, DeltaModule) for m in model.modules())
+    with torch.no_grad():
+        for parameter in delta.parameters():
+            parameter.add_(1.0)  # if a hook were left, the output would move
+    assert torch.equal(main_tensor(model(**tiny_inputs("bert"))), before)
+    monkeypatch.setattr(AdapterModel, "wire", original)
+    delta.attach().detach()  # and it can be attached properly afterwards
