@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "BACKBONE": DEFAULT_SOURCE,
     "WORKSPACE": str(Path.home() / ".delta-designer"),
     "TOKEN": None,
+    "HOST_POLICY": security.HostPolicy.for_bind("127.0.0.1"),  # the CLI sets it from --host
 }
 
 
@@ -38,7 +39,9 @@ def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     app.extensions["delta_designer"] = store
     security.install(app)
     app.register_blueprint(bp)
-    socketio = SocketIO(app, async_mode="threading")  # same-origin only by default
+    # one client's events are handled one after another, in the order sent (a fast clicker's or
+    # a script's pipelined ticks are never applied out of order); Host/Origin checked on connect
+    socketio = SocketIO(app, async_mode="threading", async_handlers=False)
     app.extensions["delta_designer_socketio"] = socketio
     events.register(socketio, app, store)
     return app, socketio

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     serve.add_argument("--backbone", default=DEFAULT_SOURCE, help="backbone source (default minilm)")
     serve.add_argument("--workspace", default=None, help="directory for autosaved designs")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="another host name the server may be addressed by (e.g. its DNS name)")
 
     tree = commands.add_parser("tree", help="print the collapsed module tree of a backbone")
     tree.add_argument("source", help="catalog:NAME, arch:TYPE, a directory, python:mod:factory, minilm")
@@ -83,13 +85,14 @@ def _match(args: argparse.Namespace, console: Console) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from designer.app import create_app
-    from designer.security import is_loopback, new_token
+    from designer.security import HostPolicy, is_loopback, new_token
 
     config = {"BACKBONE": args.backbone}
     if args.workspace:
         config["WORKSPACE"] = args.workspace
     token = None if is_loopback(args.host) else new_token()
     config["TOKEN"] = token
+    config["HOST_POLICY"] = HostPolicy.for_bind(args.host, tuple(args.allow_host))
     app, socketio = create_app(config)
     store = app.extensions["delta_designer"]
     store.backbones.preload(args.backbone)  # listen at once; the page shows the load's progress

@@ -71,6 +71,11 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
 
     @socketio.on("connect")
     def connect(auth: Any = None) -> bool:
+        policy = app.config["HOST_POLICY"]
+        origin = request.headers.get("Origin")
+        if not policy.allows(request.host) or (origin is not None and not policy.allows(origin)):
+            log.warning("refused a socket from host %r, origin %r", request.host, origin)
+            return False
         token = app.config.get("TOKEN")
         given = request.cookies.get(TOKEN_COOKIE)
         if not given and isinstance(auth, dict):

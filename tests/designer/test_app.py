@@ -77,7 +77,10 @@ def test_token_is_required_when_set(tmp_path):
     assert denied.status_code == 403
     assert "access token" in denied.get_json()["error"]
     assert client.get("/api/health?token=wrong").status_code == 403
-    assert client.get("/api/health?token=s3cret").status_code == 200
+    exchanged = client.get("/api/health?token=s3cret&x=1")
+    assert exchanged.status_code == 303 and exchanged.headers["Location"] == "/api/health?x=1"
+    assert "delta_designer_token=s3cret" in exchanged.headers["Set-Cookie"]
+    assert "HttpOnly" in exchanged.headers["Set-Cookie"]
     assert client.get("/api/health").status_code == 200  # the cookie set above
     assert app.test_client().get(
         "/api/health", headers={"X-Delta-Designer-Token": "s3cret"}
@@ -173,3 +176,38 @@ def test_the_shared_preview_memo_stays_consistent_under_threads():
     for thread in threads:
         thread.join()
     assert not wrong and len(memo.items) == 50
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("127.0.0.1:5000", True), ("localhost:5000", True), ("[::1]:5000", True),
+    ("attacker.example:5000", False), ("attacker.example", False), ("127.0.0.1.nip.io:5000", False),
+    ("", False)])
+def test_loopback_answers_only_to_loopback_host_names(tmp_path, host, allowed):
+    """DNS rebinding: a page on attacker.example resolved to 127.0.0.1 sends its own Host."""
+    app, _ = create_app({"BACKBONE": "catalog:gpt2", "WORKSPACE": str(tmp_path)})
+    response = app.test_client().get("/api/health", headers={"Host": host})
+    assert response.status_code == (200 if allowed else 400)
+    if not allowed:
+        assert "does not answer to the host" in response.get_json()["error"]
+
+
+def test_every_interface_answers_to_ip_literals_and_named_hosts_only():
+    from designer.security import HostPolicy
+
+    policy = HostPolicy.for_bind("0.0.0.0", ("designer.lab.internal",))
+    assert policy.allows("10.1.2.3:5000") and policy.allows("[fe80::1]:5000")
+    assert policy.allows("designer.lab.internal:5000") and policy.allows("localhost")
+    assert not policy.allows("attacker.example:5000")
+    one = HostPolicy.for_bind("10.1.2.3")
+    assert one.allows("10.1.2.3:80") and not one.allows("10.9.9.9:80") and not one.allows("localhost")
+
+
+def test_the_token_never_reaches_the_log():
+    import logging
+
+    from designer.security import RedactTokens
+
+    record = logging.LogRecord("werkzeug", logging.INFO, "", 0, '%s - - "%s" %s', (
+        "127.0.0.1", "GET /?token=s3cret&x=1 HTTP/1.1", "303"), None)
+    RedactTokens().filter(record)
+    assert "s3cret" not in record.getMessage() and "token=[redacted]&x=1" in record.getMessage()

@@ -156,5 +156,13 @@ def test_socket_requires_the_token_when_one_is_set(tmp_path):
     app, socketio = create_app({"BACKBONE": "catalog:gpt2", "TOKEN": "s3cret", "WORKSPACE": str(tmp_path)})
     assert not socketio.test_client(app).is_connected()
     http = app.test_client()
-    assert http.get("/?token=s3cret").status_code == 200
+    assert http.get("/?token=s3cret").status_code == 303  # exchanged for a cookie
     assert socketio.test_client(app, flask_test_client=http).is_connected()
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://attacker.example:5000"},
+                                     {"Host": "attacker.example:5000"}])
+def test_a_socket_from_a_foreign_host_or_origin_is_refused(tmp_path, headers):
+    app, socketio = create_app({"BACKBONE": "catalog:gpt2", "WORKSPACE": str(tmp_path)})
+    assert not socketio.test_client(app, headers=headers).is_connected()
+    assert socketio.test_client(app, headers={"Origin": "http://127.0.0.1:5000"}).is_connected()
