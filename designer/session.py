@@ -186,7 +186,7 @@ class DesignSession:
             if not node.is_group:
                 raise PayloadError(f"{node_path!r} is not a folded group of layers", "layers")
             try:
-                layers = parse_indices(text)
+                layers = parse_indices(text, limit=max(node.members or [0]) + 1)  # checked before expanding
             except ValueError as error:
                 raise PayloadError(str(error), "layers") from error
             outside = sorted(set(layers) - set(node.members or []))
@@ -276,7 +276,8 @@ class DesignSession:
             for saved in state.get("groups", []):
                 expressions = saved.get("expressions") or []
                 selection = resolve(loaded.twin_tree, expressions).paths if expressions else []
-                ranges = {k: parse_indices(v) for k, v in (saved.get("layer_ranges") or {}).items()}
+                ranges = {k: parse_indices(v, limit=len(loaded.tree.paths))
+                          for k, v in (saved.get("layer_ranges") or {}).items()}
                 groups.append(Group(saved["id"], saved["name"], saved["method"], saved.get("route"),
                                     dict(saved.get("hyperparameters") or {}), selection, ranges))
             self.groups = groups
@@ -319,11 +320,17 @@ class DesignSession:
         if edited.method != UNFREEZE:
             try:
                 edited.config(preview.expressions(edited.selection) or ["placeholder"])
-                preview.trainable(edited)
+                trainable = preview.trainable(edited)
             except ConfigError as error:
                 raise PayloadError(str(error), field or _field_of(error, edited)) from error
             except DeltaError as error:  # e.g. the method cannot wrap a ticked module
                 raise PayloadError(str(error), field or "selection") from error
+            backbone = self.require()[0].tree.total_parameters
+            if trainable > backbone:  # bounds what a build may allocate: never more than the model
+                raise PayloadError(
+                    f"group {edited.name!r} would train {trainable:,} parameters, more than the whole "
+                    f"backbone ({backbone:,}); a delta is a small fraction of it — lower its sizes "
+                    "(rank, bottleneck, prefix length)", field or "hyperparameters")
         self.groups = [edited if g.id == edited.id else g for g in self.groups]
         self._commit()
 

@@ -140,6 +140,11 @@ def build() -> Response:
     loaded, _ = session.require()
     design = session.design()
     model = loaded.backbone.model
+    planned = session.snapshot()["totals"]["trainable"]
+    if planned > loaded.tree.total_parameters:  # checked on the weight-free twin, before any allocation
+        raise PayloadError(f"this design would train {planned:,} parameters, more than the whole backbone "
+                           f"({loaded.tree.total_parameters:,}); lower its sizes (rank, bottleneck, "
+                           "prefix length) before building", "build")
     with loaded.lock:  # one build at a time on the shared model, undone completely whatever happens
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
         applied = None

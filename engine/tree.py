@@ -296,8 +296,12 @@ def format_indices(indices: list[int]) -> str:
     return ",".join(parts)
 
 
-def parse_indices(text: str) -> list[int]:
-    """Inverse of :func:`format_indices`: ``"0-5,8"`` → ``[0,1,2,3,4,5,8]``."""
+def parse_indices(text: str, limit: int | None = None) -> list[int]:
+    """Inverse of :func:`format_indices`: ``"0-5,8"`` → ``[0,1,2,3,4,5,8]``.
+
+    With ``limit`` (e.g. the number of layers), an index at or above it is an error raised
+    before any range is expanded, so ``0-999999999`` costs nothing.
+    """
     values: set[int] = set()
     for part in text.split(","):
         part = part.strip()
@@ -309,6 +313,8 @@ def parse_indices(text: str) -> list[int]:
         first, last = int(low), int(high) if sep else int(low)
         if last < first:
             raise ValueError(f"{part!r} in {text!r} runs backwards; write {last}-{first}")
+        if limit is not None and last >= limit:
+            raise ValueError(f"{part!r} in {text!r} goes past the last index, {limit - 1}")
         values.update(range(first, last + 1))
     if not values:
         raise ValueError(f"{text!r} names no layer; write a range like 0-5,8")

@@ -71,7 +71,9 @@ def test_a_bad_edit_is_an_error_at_its_field_and_the_design_stays(server):
         ("set_group", {"group_id": group, "route": "sideways"}, "route", "does not support route"),
         ("toggle_nodes", {"group_id": group, "paths": ["encoder.layer.*.output.LayerNorm"], "checked": True},
          "selection", "lora cannot wrap 'encoder.layer.0.output.LayerNorm', a LayerNorm"),
-        ("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "10-14"}, "layers", "12-14 are not in 0-11"),
+        ("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "10-14"}, "layers", "goes past the last index, 11"),
+        ("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "0-999999999"}, "layers",
+         "'0-999999999' in '0-999999999' goes past the last index, 11"),
         ("set_group", {"group_id": group, "name": "bad name"}, "name", "identifier"),
         ("set_group", {"group_id": group, "method": "loar"}, "method", "unknown delta_type 'loar'"),
     ]
@@ -166,3 +168,15 @@ def test_a_socket_from_a_foreign_host_or_origin_is_refused(tmp_path, headers):
     app, socketio = create_app({"BACKBONE": "catalog:gpt2", "WORKSPACE": str(tmp_path)})
     assert not socketio.test_client(app, headers=headers).is_connected()
     assert socketio.test_client(app, headers={"Origin": "http://127.0.0.1:5000"}).is_connected()
+
+
+def test_a_hyperparameter_that_would_outgrow_the_backbone_is_refused_naming_both_sizes(server):
+    _, client = connect(*server)
+    group = last(client, "design_updated")["groups"][0]["id"]
+    client.emit("toggle_nodes", {"group_id": group, "paths": ["encoder.layer.*.attention.self.query"], "checked": True})
+    before = last(client, "design_updated")["totals"]["trainable"]
+    client.emit("set_group", {"group_id": group, "hyperparameters": {"lora_r": 100_000}})
+    error = last(client, "error")
+    assert "would train 1,843,200,000 parameters, more than the whole backbone (109,482,240)" in error["message"]
+    client.emit("set_group", {"group_id": group, "hyperparameters": {"lora_r": 4}})
+    assert last(client, "design_updated")["totals"]["trainable"] == before // 2

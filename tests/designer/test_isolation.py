@@ -102,3 +102,15 @@ def test_sessions_importing_and_building_at_once_each_get_their_own_answer(app):
     assert failures == []
     loaded = app.extensions["delta_designer"].backbones.cached(BACKBONE)
     assert _delta_modules(loaded.backbone.model) == [] and _delta_modules(loaded.twin) == []
+
+
+def test_a_design_larger_than_its_backbone_is_refused_before_anything_is_allocated(app):
+    client = _client(app)
+    design = _design(("lora", "lora", ["attn.q"]))
+    design["deltas"][0]["lora_r"] = 100_000
+    assert client.post("/api/design/import", json=design).status_code == 200
+    refused = client.post("/api/design/build")
+    assert refused.status_code == 400 and refused.get_json()["field"] == "build"
+    assert "more than the whole backbone" in refused.get_json()["error"]
+    loaded = app.extensions["delta_designer"].backbones.cached(BACKBONE)
+    assert _delta_modules(loaded.backbone.model) == []
