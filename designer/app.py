@@ -10,7 +10,7 @@ from flask_socketio import SocketIO
 
 from designer import events, security
 from designer.resources import resource_dir
-from designer.state import BackboneCache
+from designer.state import DEFAULT_BUDGET_BYTES, BackboneCache
 from designer.store import SessionStore
 from designer.views import bp
 from engine import DEFAULT_SOURCE, human_count
@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "BACKBONE": DEFAULT_SOURCE,
     "WORKSPACE": str(Path.home() / ".delta-designer"),
     "TOKEN": None,
+    "BACKBONE_BUDGET_BYTES": DEFAULT_BUDGET_BYTES,  # loaded backbones kept beyond this are evicted (LRU)
     "HOST_POLICY": security.HostPolicy.for_bind("127.0.0.1"),  # the CLI sets it from --host
 }
 
@@ -35,7 +36,8 @@ def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
     app.jinja_env.filters["human_count"] = human_count
     app.jinja_env.filters["thousands"] = "{:,}".format
-    store = SessionStore(Path(app.config["WORKSPACE"]), BackboneCache(app.config["BACKBONE"]))
+    backbones = BackboneCache(app.config["BACKBONE"], int(app.config["BACKBONE_BUDGET_BYTES"]))
+    store = SessionStore(Path(app.config["WORKSPACE"]), backbones)
     app.extensions["delta_designer"] = store
     security.install(app)
     app.register_blueprint(bp)

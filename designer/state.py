@@ -43,6 +43,14 @@ class LoadedBackbone:
     def source(self) -> str:
         return self.backbone.source
 
+    @property
+    def memory_bytes(self) -> int:
+        """What keeping this backbone costs: its real tensors, plus about 1 KiB per module of the
+        model and its twin (module objects and trees; a meta model has no tensor memory)."""
+        model = self.backbone.model
+        tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if not t.is_meta}
+        return sum(t.numel() * t.element_size() for t in tensors.values()) + 1024 * 2 * len(self.tree.paths)
+
     def roles(self) -> dict[str, Any]:
         """Inferred roles for the page: a label per collapsed node, and which roles exist."""
         inferred = self.structure.roles
@@ -83,11 +91,24 @@ def _meta_twin(backbone: Backbone) -> nn.Module:
     return load_backbone(backbone.source, weights=False).model
 
 
-class BackboneCache:
-    """Source → loaded backbone; concurrent requests for one source wait for a single load."""
+#: default memory budget of the backbone cache (a third of this 24 GiB machine)
+DEFAULT_BUDGET_BYTES = 8 * 1024**3
 
-    def __init__(self, server_source: str) -> None:
+
+class BackboneCache:
+    """Source → loaded backbone; concurrent requests for one source wait for a single load.
+
+    A least-recently-used cache within ``budget_bytes``: after a load, backbones that no session
+    has open (``in_use``) and that are not the server's own are dropped, oldest first, until the
+    rest fit (``on_evict`` lets the owner drop what it keeps per backbone).
+    """
+
+    def __init__(self, server_source: str, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                 in_use: Callable[[], set[int]] = set,
+                 on_evict: Callable[[LoadedBackbone], None] = lambda loaded: None) -> None:
         self.server_source = server_source
+        self.budget_bytes = budget_bytes
+        self.in_use, self.on_evict = in_use, on_evict
         self._loaded: dict[str, LoadedBackbone] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -101,7 +122,8 @@ class BackboneCache:
         with self._guard:
             lock = self._locks.setdefault(source, threading.Lock())
         with lock:
-            if source not in self._loaded:
+            loaded = self._loaded.get(source)
+            if loaded is None:
                 def record(done: int, total: int) -> None:
                     self._progress[source] = (done, total)
                     if progress is not None:
@@ -109,10 +131,27 @@ class BackboneCache:
 
                 self._progress[source] = (0, 1)
                 try:
-                    self._loaded[source] = load(source, record, allow_python=source == self.server_source)
+                    loaded = load(source, record, allow_python=source == self.server_source)
                 finally:
                     self._progress.pop(source, None)
-            return self._loaded[source]
+            with self._guard:  # most recently used last
+                self._loaded.pop(source, None)
+                self._loaded[source] = loaded
+            self._evict(keep=source)
+            return loaded
+
+    def _evict(self, keep: str) -> None:
+        with self._guard:
+            open_now = self.in_use()
+            total = sum(loaded.memory_bytes for loaded in self._loaded.values())
+            for source, loaded in list(self._loaded.items()):
+                if total <= self.budget_bytes:
+                    break
+                if source in (keep, self.server_source) or id(loaded) in open_now:
+                    continue
+                del self._loaded[source]
+                total -= loaded.memory_bytes
+                self.on_evict(loaded)
 
     def progress(self, source: str) -> tuple[int, int] | None:
         """(done, total) of a load in progress, else None."""

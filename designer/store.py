@@ -39,9 +39,20 @@ class SessionStore:
     def __init__(self, workspace: Path, backbones: BackboneCache) -> None:
         self.directory = workspace / "sessions"
         self.backbones = backbones
+        backbones.in_use = self.open_backbones
+        backbones.on_evict = self._forget
         self._sessions: dict[str, DesignSession] = {}
         self._previewers: dict[int, Previewer] = {}
         self._guard = threading.Lock()
+
+    def open_backbones(self) -> set[int]:
+        """Ids of the backbones some session has open (the cache never evicts those)."""
+        with self._guard:
+            return {id(s.loaded) for s in self._sessions.values() if s.loaded is not None}
+
+    def _forget(self, loaded: LoadedBackbone) -> None:
+        with self._guard:
+            self._previewers.pop(id(loaded), None)
 
     def previewer(self, loaded: LoadedBackbone) -> Previewer:
         with self._guard:
