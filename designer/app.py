@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 from flask_socketio import SocketIO
 
-from designer import events, security
+from designer import bounded_json, events, security
 from designer.resources import resource_dir
 from designer.state import DEFAULT_BUDGET_BYTES, BackboneCache
 from designer.store import SessionStore
@@ -24,6 +25,13 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+class BoundedJSONProvider(DefaultJSONProvider):
+    """Flask's JSON with :mod:`designer.bounded_json`'s bounds on what clients send."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return bounded_json.loads(s, **kwargs)
+
+
 def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     """Build the designer app and its Socket.IO server from ``config`` (see :data:`DEFAULTS`)."""
     app = Flask(
@@ -34,6 +42,7 @@ def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     app.config.update(DEFAULTS)
     app.config.update(config or {})
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024 * 1024
+    app.json = BoundedJSONProvider(app)
     app.jinja_env.filters["human_count"] = human_count
     app.jinja_env.filters["thousands"] = "{:,}".format
     backbones = BackboneCache(app.config["BACKBONE"], int(app.config["BACKBONE_BUDGET_BYTES"]))
@@ -43,7 +52,7 @@ def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     app.register_blueprint(bp)
     # one client's events are handled one after another, in the order sent (a fast clicker's or
     # a script's pipelined ticks are never applied out of order); Host/Origin checked on connect
-    socketio = SocketIO(app, async_mode="threading", async_handlers=False)
+    socketio = SocketIO(app, async_mode="threading", async_handlers=False, json=bounded_json)
     app.extensions["delta_designer_socketio"] = socketio
     events.register(socketio, app, store)
     return app, socketio

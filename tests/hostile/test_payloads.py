@@ -1,0 +1,110 @@
+"""Generated bad payloads for every socket event: each gets exactly one answer (the design or an
+error naming what was wrong), fast, never an internal error, and the server stays small."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from designer.app import create_app
+
+EVENTS = {
+    "toggle_nodes": ["group_id", "paths", "checked"],
+    "set_group": ["group_id", "name", "method", "route", "hyperparameters"],
+    "set_expressions": ["group_id", "expressions"],
+    "set_layers": ["group_id", "node_path", "layers"],
+    "add_group": ["method"],
+    "remove_group": ["group_id"],
+    "select_group": ["group_id"],
+    "set_dtype": ["dtype"],
+}
+EXAMPLES_PER_EVENT = 150  # 8 events × 150 = 1,200 generated payloads
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**120), max_value=10**120),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=200),
+    st.sampled_from(["g1", "g99", "", " ", "encoder.layer.*", "0-999999999", "[r](a*)*b", "[r](.*.*)*!",
+                     "lora", "prefix", "float8", "x" * 5000, "<script>alert(1)</script>"]),
+)
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=12), inner, max_size=6)), max_leaves=30)
+
+
+def _rss_mb() -> float:
+    """Resident memory now (not the peak: the generator's own garbage comes and goes)."""
+    with open("/proc/self/statm") as stats:
+        return int(stats.read().split()[1]) * 4096 / 2**20
+
+
+def payloads(event: str) -> st.SearchStrategy:
+    fields = EVENTS[event]
+    shaped = st.fixed_dictionaries({}, optional={f: values for f in fields})
+    return st.one_of(values, shaped)
+
+
+@pytest.fixture(scope="module")
+def connection(tmp_path_factory: pytest.TempPathFactory):
+    app, socketio = create_app({"BACKBONE": "catalog:bert-base-uncased",
+                                "WORKSPACE": str(tmp_path_factory.mktemp("workspace"))})
+    http = app.test_client()
+    http.get("/")
+    client = socketio.test_client(app, flask_test_client=http)
+    assert client.is_connected()
+    client.get_received()
+    return client, {"slowest": 0.0, "start_rss": _rss_mb(), "sent": 0}
+
+
+def _answers(client, event: str, payload: object) -> list[dict]:
+    client.emit(event, payload)
+    return [e for e in client.get_received() if e["name"] in ("design_updated", "error")]
+
+
+@pytest.mark.parametrize("event", list(EVENTS))
+def test_every_generated_payload_gets_one_answer(connection, event):
+    client, record = connection
+
+    @settings(max_examples=EXAMPLES_PER_EVENT, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(payload=payloads(event))
+    def check(payload: object) -> None:
+        start = time.perf_counter()
+        answers = _answers(client, event, payload)
+        elapsed = time.perf_counter() - start
+        record["slowest"] = max(record["slowest"], elapsed)
+        record["sent"] += 1
+        assert len(answers) == 1, (event, payload, answers)
+        if answers[0]["name"] == "error":
+            message = answers[0]["args"][0]["message"]
+            assert "internal error" not in message, (event, payload, message)
+        assert elapsed < 1.0, (event, payload, elapsed)
+
+    check()
+
+
+@pytest.mark.parametrize("event, payload, message", [
+    ("set_group", {"group_id": "g1", "hyperparameters": {"lora_r": 10**100}}, "lora_r must be a positive integer"),
+    ("set_group", {"group_id": -(10**100)}, "'group_id' must be a non-empty string"),
+    ("set_group", {"group_id": "g1", "hyperparameters": {"lora_alpha": float("nan")}}, "lora_alpha"),
+    ("set_layers", {"group_id": "g1", "node_path": "encoder.layer.*", "layers": "0-20000000"}, "goes past the last"),
+    ("set_expressions", {"group_id": "g1", "expressions": ["[r](.*.*)*!"]}, "[r](.*.*)*!"),
+    ("load_backbone", {"source": 5}, "'source' must be a non-empty string"),
+    ("load_backbone", None, "load_backbone expects a JSON object"),
+])
+def test_the_reported_cases_are_answered_with_the_field_named(connection, event, payload, message):
+    client, _ = connection
+    client.emit(event, payload)
+    errors = [e["args"][0] for e in client.get_received() if e["name"] == "error"]
+    assert len(errors) == 1 and message in errors[0]["message"], errors
+
+
+def test_after_all_of_them_the_server_is_up_fast_and_small(connection):
+    client, record = connection
+    assert record["sent"] >= 1000
+    assert record["slowest"] < 1.0
+    grown_mb = _rss_mb() - record["start_rss"]
+    print(f"{record['sent']} payloads, slowest answer {record['slowest'] * 1e3:.0f} ms, RSS grew {grown_mb:.0f} MB")
+    assert grown_mb < 100, grown_mb
+    assert len(_answers(client, "add_group", {"method": "lora"})) == 1
