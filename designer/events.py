@@ -49,15 +49,16 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
         socketio.emit("error", {"event": event, "message": str(error), "field": field,
                                 "group_id": group}, to=request.sid)  # type: ignore[attr-defined]
 
-    def handler(event: str) -> Callable[[Callable[[DesignSession, dict[str, Any]], None]], None]:
-        """Register ``event``: validate, run, then broadcast the design to the session's tabs."""
+    def handler(event: str, schema: type[p.Message]) -> Callable[[Callable[[DesignSession, Any], None]], None]:
+        """Register ``event``: validate against ``schema``, run, then send the design to the
+        session's tabs. Every event gets exactly one answer: the design, or an error."""
 
-        def wrap(function: Callable[[DesignSession, dict[str, Any]], None]) -> None:
+        def wrap(function: Callable[[DesignSession, Any], None]) -> None:
             @functools.wraps(function)
             def run(payload: Any = None) -> None:
                 try:
                     session = current()
-                    function(session, p.as_object(payload, event))
+                    function(session, p.parse(schema, payload, event))
                     socketio.emit("design_updated", session.snapshot(), to=session.id)
                 except (p.PayloadError, DeltaError) as error:
                     report(error, event, payload)
@@ -100,52 +101,45 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
     def load_backbone(payload: Any = None) -> None:
         try:
             session = current()
-            source = p.text(p.as_object(payload, "load_backbone"), "source")
+            source = p.parse(p.LoadBackbone, payload, "load_backbone").source  # type: ignore[attr-defined]
         except p.PayloadError as error:
             report(error, "load_backbone", payload)
             return
         sid = request.sid  # type: ignore[attr-defined]
         socketio.start_background_task(_load, socketio, store, session, source.strip(), sid)
 
-    @handler("add_group")
-    def add_group(session: DesignSession, payload: dict[str, Any]) -> None:
-        session.add_group(p.text(payload, "method", optional=True) or "lora")
+    @handler("add_group", p.AddGroup)
+    def add_group(session: DesignSession, message: p.AddGroup) -> None:
+        session.add_group(message.method or "lora")
 
-    @handler("remove_group")
-    def remove_group(session: DesignSession, payload: dict[str, Any]) -> None:
-        session.remove_group(p.text(payload, "group_id"))
+    @handler("remove_group", p.GroupId)
+    def remove_group(session: DesignSession, message: p.GroupId) -> None:
+        session.remove_group(message.group_id)
 
-    @handler("select_group")
-    def select_group(session: DesignSession, payload: dict[str, Any]) -> None:
-        session.select_group(p.text(payload, "group_id"))
+    @handler("select_group", p.GroupId)
+    def select_group(session: DesignSession, message: p.GroupId) -> None:
+        session.select_group(message.group_id)
 
-    @handler("set_group")
-    def set_group(session: DesignSession, payload: dict[str, Any]) -> None:
-        session.set_group(
-            p.text(payload, "group_id"),
-            name=p.text(payload, "name", optional=True),
-            method=p.text(payload, "method", optional=True),
-            route=p.text(payload, "route", optional=True),
-            hyperparameters=p.mapping(payload, "hyperparameters", optional=True),
-        )
+    @handler("set_group", p.SetGroup)
+    def set_group(session: DesignSession, message: p.SetGroup) -> None:
+        session.set_group(message.group_id, name=message.name, method=message.method, route=message.route,
+                          hyperparameters=message.hyperparameters)
 
-    @handler("toggle_nodes")
-    def toggle_nodes(session: DesignSession, payload: dict[str, Any]) -> None:
-        session.toggle_nodes(p.text(payload, "group_id"), p.text_list(payload, "paths"),
-                             p.boolean(payload, "checked"))
+    @handler("toggle_nodes", p.ToggleNodes)
+    def toggle_nodes(session: DesignSession, message: p.ToggleNodes) -> None:
+        session.toggle_nodes(message.group_id, list(message.paths), message.checked)
 
-    @handler("set_expressions")
-    def set_expressions(session: DesignSession, payload: dict[str, Any]) -> None:
-        session.set_expressions(p.text(payload, "group_id"), p.text_list(payload, "expressions"))
+    @handler("set_expressions", p.SetExpressions)
+    def set_expressions(session: DesignSession, message: p.SetExpressions) -> None:
+        session.set_expressions(message.group_id, list(message.expressions))
 
-    @handler("set_layers")
-    def set_layers(session: DesignSession, payload: dict[str, Any]) -> None:
-        session.set_layers(p.text(payload, "group_id"), p.text(payload, "node_path"),
-                           p.text(payload, "layers"))
+    @handler("set_layers", p.SetLayers)
+    def set_layers(session: DesignSession, message: p.SetLayers) -> None:
+        session.set_layers(message.group_id, message.node_path, message.layers)
 
-    @handler("set_dtype")
-    def set_dtype(session: DesignSession, payload: dict[str, Any]) -> None:
-        session.set_dtype(p.text(payload, "dtype"))
+    @handler("set_dtype", p.SetDtype)
+    def set_dtype(session: DesignSession, message: p.SetDtype) -> None:
+        session.set_dtype(message.dtype)
 
 
 def _load(socketio: SocketIO, store: SessionStore, session: DesignSession, source: str, sid: str) -> None:

@@ -1,11 +1,40 @@
-"""Validation of socket payloads and REST bodies: every field checked, errors name the field."""
+"""The one validation layer for what clients send: a pydantic schema per socket event, with every
+type, length, count and size limit stated here. A payload that fails gets a :class:`PayloadError`
+naming the field and the limit, before anything changes.
+
+Numbers inside ``hyperparameters`` are checked by the engine's config classes (they know each
+option), and the size of the design they produce by :mod:`designer.session` (never more trainable
+parameters than the backbone has).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-MAX_LIST = 10_000
-MAX_TEXT = 10_000
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    ValidationError,
+)
+
+#: longest expression, node path, name or layer range text
+MAX_TEXT = 1_000
+#: longest backbone source (a local directory path)
+MAX_SOURCE = 4_096
+#: most node paths one tick may carry (a 670B model's folded tree has far fewer nodes)
+MAX_PATHS = 10_000
+#: most expressions in one group
+MAX_EXPRESSIONS = 512
+#: most hyper-parameters one change may set
+MAX_HYPERPARAMETERS = 32
+#: most delta groups in one design (the page's and an imported one's)
+MAX_GROUPS = 64
+
+Text = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_TEXT)]
+Source = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_SOURCE)]
 
 
 class PayloadError(ValueError):
@@ -16,42 +45,91 @@ class PayloadError(ValueError):
         self.field = field
 
 
-def as_object(payload: Any, event: str) -> dict[str, Any]:
+class Message(BaseModel):
+    """Fields a client did not send are absent; unknown extra fields are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class ToggleNodes(Message):
+    group_id: Text
+    paths: Annotated[list[Text], Field(max_length=MAX_PATHS)]
+    checked: StrictBool
+
+
+class SetGroup(Message):
+    group_id: Text
+    name: Text | None = None
+    method: Text | None = None
+    route: Text | None = None
+    hyperparameters: Annotated[dict[Text, Any], Field(max_length=MAX_HYPERPARAMETERS)] | None = None
+
+
+class SetExpressions(Message):
+    group_id: Text
+    expressions: Annotated[list[Text], Field(max_length=MAX_EXPRESSIONS)]
+
+
+class SetLayers(Message):
+    group_id: Text
+    node_path: Text
+    layers: Text
+
+
+class AddGroup(Message):
+    method: Text | None = None
+
+
+class GroupId(Message):
+    group_id: Text
+
+
+class SetDtype(Message):
+    dtype: Text
+
+
+class LoadBackbone(Message):
+    source: Source
+
+
+class DesignBody(Message):
+    """``POST /api/design/import``: the shape and sizes here; the engine checks the contents."""
+
+    format: Text
+    deltas: Annotated[list[dict[Text, Any]], Field(max_length=MAX_GROUPS)] = []
+    unfrozen_modules: Annotated[list[Text], Field(max_length=MAX_EXPRESSIONS)] = []
+    backbone: dict[Text, Any] | None = None
+
+
+def _problem(error: dict[str, Any]) -> str:
+    kind, context = error["type"], error.get("ctx") or {}
+    if kind == "missing":
+        return "is required"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "string_too_long":
+        return f"must be at most {context.get('max_length')} characters"
+    if kind == "too_long":
+        return f"may hold at most {context.get('max_length')} entries"
+    if kind == "string_type":
+        return "must be a string"
+    if kind == "bool_type":
+        return "must be true or false"
+    if kind in ("list_type", "dict_type"):
+        return "must be a list" if kind == "list_type" else "must be an object"
+    return str(error["msg"])
+
+
+def parse(model: type[Message], payload: Any, event: str) -> Message:
+    """``payload`` validated against ``model``; a :class:`PayloadError` naming the first wrong
+    field (``paths[3]``, ``hyperparameters``) and the limit otherwise."""
     if not isinstance(payload, dict):
         raise PayloadError(f"{event} expects a JSON object, got {type(payload).__name__}")
-    return payload
-
-
-def text(payload: dict[str, Any], name: str, *, optional: bool = False, empty: bool = False) -> str | None:
-    value = payload.get(name)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or (not empty and not value.strip()) or len(value) > MAX_TEXT:
-        raise PayloadError(f"'{name}' must be a non-empty string (at most {MAX_TEXT} characters)", name)
-    return value
-
-
-def boolean(payload: dict[str, Any], name: str) -> bool:
-    value = payload.get(name)
-    if not isinstance(value, bool):
-        raise PayloadError(f"'{name}' must be true or false", name)
-    return value
-
-
-def text_list(payload: dict[str, Any], name: str, *, optional: bool = False) -> list[str] | None:
-    value = payload.get(name)
-    if value is None and optional:
-        return None
-    if (not isinstance(value, list) or len(value) > MAX_LIST
-            or not all(isinstance(v, str) and len(v) <= MAX_TEXT for v in value)):
-        raise PayloadError(f"'{name}' must be a list of strings", name)
-    return value
-
-
-def mapping(payload: dict[str, Any], name: str, *, optional: bool = False) -> dict[str, Any] | None:
-    value = payload.get(name)
-    if value is None and optional:
-        return None
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise PayloadError(f"'{name}' must be an object", name)
-    return value
+    try:
+        return model.model_validate(payload)
+    except ValidationError as invalid:
+        error = invalid.errors(include_url=False, include_input=False)[0]
+        location = [str(part) for part in error["loc"]]
+        field = location[0] if location else None
+        shown = location[0] + "".join(f"[{part}]" for part in location[1:]) if location else event
+        raise PayloadError(f"{event}: '{shown}' {_problem(error)}", field) from None

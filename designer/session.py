@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from designer.payloads import PayloadError
+from designer.payloads import MAX_GROUPS, PayloadError
 from designer.preview import UNFREEZE, Previewer, default_hyperparameters
 from designer.state import LoadedBackbone
 from engine import (
@@ -96,6 +96,8 @@ class DesignSession:
 
     def add_group(self, method: str = "lora") -> Group:
         with self.lock:
+            if len(self.groups) >= MAX_GROUPS:
+                raise PayloadError(f"a design holds at most {MAX_GROUPS} groups; remove one first", "groups")
             self.require()
             self._check_method(method)
             self._counter += 1

@@ -14,7 +14,7 @@ from flask import (
 from werkzeug.exceptions import HTTPException
 
 from designer import exports
-from designer.payloads import PayloadError
+from designer.payloads import DesignBody, PayloadError, parse
 from designer.resources import socketio_client_dir
 from designer.session import DesignSession
 from designer.store import (
@@ -126,6 +126,7 @@ def import_design() -> tuple[Response, int] | Response:
     document = request.get_json(silent=True)
     if not isinstance(document, dict):
         raise PayloadError("the body must be a delta-design/1 JSON object", "import")
+    parse(DesignBody, document, "import")
     session = _session()
     session.import_design(Design.from_dict(document))
     snapshot = session.snapshot()

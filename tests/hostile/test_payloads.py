@@ -86,11 +86,11 @@ def test_every_generated_payload_gets_one_answer(connection, event):
 
 @pytest.mark.parametrize("event, payload, message", [
     ("set_group", {"group_id": "g1", "hyperparameters": {"lora_r": 10**100}}, "lora_r must be a positive integer"),
-    ("set_group", {"group_id": -(10**100)}, "'group_id' must be a non-empty string"),
+    ("set_group", {"group_id": -(10**100)}, "set_group: 'group_id' must be a string"),
     ("set_group", {"group_id": "g1", "hyperparameters": {"lora_alpha": float("nan")}}, "lora_alpha"),
     ("set_layers", {"group_id": "g1", "node_path": "encoder.layer.*", "layers": "0-20000000"}, "goes past the last"),
     ("set_expressions", {"group_id": "g1", "expressions": ["[r](.*.*)*!"]}, "[r](.*.*)*!"),
-    ("load_backbone", {"source": 5}, "'source' must be a non-empty string"),
+    ("load_backbone", {"source": 5}, "load_backbone: 'source' must be a string"),
     ("load_backbone", None, "load_backbone expects a JSON object"),
 ])
 def test_the_reported_cases_are_answered_with_the_field_named(connection, event, payload, message):
@@ -108,3 +108,47 @@ def test_after_all_of_them_the_server_is_up_fast_and_small(connection):
     print(f"{record['sent']} payloads, slowest answer {record['slowest'] * 1e3:.0f} ms, RSS grew {grown_mb:.0f} MB")
     assert grown_mb < 100, grown_mb
     assert len(_answers(client, "add_group", {"method": "lora"})) == 1
+
+
+@pytest.mark.parametrize("event, payload, message, field", [
+    ("set_expressions", {"group_id": "g1", "expressions": ["q" * 1001]},
+     "'expressions[0]' must be at most 1000 characters", "expressions"),
+    ("set_expressions", {"group_id": "g1", "expressions": ["query"] * 513},
+     "'expressions' may hold at most 512 entries", "expressions"),
+    ("toggle_nodes", {"group_id": "g1", "paths": ["pooler"] * 10_001, "checked": True},
+     "'paths' may hold at most 10000 entries", "paths"),
+    ("set_group", {"group_id": "g1", "hyperparameters": {f"h{i}": 1 for i in range(33)}},
+     "'hyperparameters' may hold at most 32 entries", "hyperparameters"),
+    ("toggle_nodes", {"group_id": "g1", "paths": ["pooler"]}, "'checked' is required", "checked"),
+    ("set_layers", {"group_id": "g1", "node_path": "", "layers": "1"}, "'node_path' must not be empty", "node_path"),
+])
+def test_limits_are_named_with_the_field(connection, event, payload, message, field):
+    client, _ = connection
+    start = time.perf_counter()
+    client.emit(event, payload)
+    errors = [e["args"][0] for e in client.get_received() if e["name"] == "error"]
+    assert time.perf_counter() - start < 0.05 * 20  # generous on a loaded CI machine; typically ~2 ms
+    assert len(errors) == 1 and message in errors[0]["message"] and errors[0]["field"] == field, errors
+
+
+def test_a_design_body_over_the_limits_is_refused_before_the_engine_reads_it(tmp_path):
+    app, _ = create_app({"BACKBONE": "catalog:bert-base-uncased", "WORKSPACE": str(tmp_path)})
+    http = app.test_client()
+    http.get("/")
+    deltas = [{"delta_type": "lora", "name": f"lora_{i}"} for i in range(10_000)]
+    start = time.perf_counter()
+    refused = http.post("/api/design/import", json={"format": "delta-design/1", "deltas": deltas})
+    assert time.perf_counter() - start < 1.0
+    assert refused.status_code == 400
+    assert refused.get_json()["error"] == "import: 'deltas' may hold at most 64 entries"
+    deep = http.post("/api/design/import", data="[" * 5000 + "]" * 5000, content_type="application/json")
+    assert deep.status_code == 400
+    assert http.get("/api/design").get_json()["groups"][0]["name"] == "lora_1"  # nothing changed
+
+
+def test_a_design_holds_at_most_64_groups(connection):
+    client, _ = connection
+    for _ in range(70):
+        client.emit("add_group", {"method": "bitfit"})
+    errors = [e["args"][0] for e in client.get_received() if e["name"] == "error"]
+    assert errors and errors[-1]["message"] == "a design holds at most 64 groups; remove one first"
