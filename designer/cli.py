@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 
@@ -93,13 +94,23 @@ def _serve(args: argparse.Namespace) -> int:
     token = None if is_loopback(args.host) else new_token()
     config["TOKEN"] = token
     config["HOST_POLICY"] = HostPolicy.for_bind(args.host, tuple(args.allow_host))
-    app, socketio = create_app(config)
-    store = app.extensions["delta_designer"]
-    store.backbones.preload(args.backbone)  # listen at once; the page shows the load's progress
+
+    def build() -> Any:
+        app, _ = create_app(config)
+        app.extensions["delta_designer"].backbones.preload(args.backbone)  # the page shows its progress
+        return app
+
     print("Loading backbone", args.backbone, "in the background …", flush=True)
     url = f"http://{args.host}:{args.port}/" + (f"?token={token}" if token else "")
     print(f"Delta Designer serving on {url}", flush=True)
-    socketio.run(app, host=args.host, port=args.port, allow_unsafe_werkzeug=True)
+    if token is None:  # loopback: the development server is enough for one person's browser
+        app = build()
+        app.extensions["delta_designer_socketio"].run(app, host=args.host, port=args.port,
+                                                      allow_unsafe_werkzeug=True)
+    else:  # beyond loopback: a production server; the token is printed once, here, never logged
+        from designer.production import serve
+
+        serve(build, args.host, args.port)
     return 0
 
 

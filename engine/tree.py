@@ -314,7 +314,8 @@ def parse_indices(text: str, limit: int | None = None) -> list[int]:
         if last < first:
             raise ValueError(f"{part!r} in {text!r} runs backwards; write {last}-{first}")
         if limit is not None and last >= limit:
-            raise ValueError(f"{part!r} in {text!r} goes past the last index, {limit - 1}")
+            named = f"layers {first}-{last} are" if sep else f"layer {first} is"
+            raise ValueError(f"{named} not in 0-{limit - 1}")
         values.update(range(first, last + 1))
     if not values:
         raise ValueError(f"{text!r} names no layer; write a range like 0-5,8")

@@ -71,9 +71,9 @@ def test_a_bad_edit_is_an_error_at_its_field_and_the_design_stays(server):
         ("set_group", {"group_id": group, "route": "sideways"}, "route", "does not support route"),
         ("toggle_nodes", {"group_id": group, "paths": ["encoder.layer.*.output.LayerNorm"], "checked": True},
          "selection", "lora cannot wrap 'encoder.layer.0.output.LayerNorm', a LayerNorm"),
-        ("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "10-14"}, "layers", "goes past the last index, 11"),
+        ("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "10-14"}, "layers", "layers 10-14 are not in 0-11"),
         ("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "0-999999999"}, "layers",
-         "'0-999999999' in '0-999999999' goes past the last index, 11"),
+         "layers 0-999999999 are not in 0-11"),
         ("set_group", {"group_id": group, "name": "bad name"}, "name", "identifier"),
         ("set_group", {"group_id": group, "method": "loar"}, "method", "unknown delta_type 'loar'"),
     ]

@@ -88,7 +88,7 @@ def test_every_generated_payload_gets_one_answer(connection, event):
     ("set_group", {"group_id": "g1", "hyperparameters": {"lora_r": 10**100}}, "lora_r must be a positive integer"),
     ("set_group", {"group_id": -(10**100)}, "set_group: 'group_id' must be a string"),
     ("set_group", {"group_id": "g1", "hyperparameters": {"lora_alpha": float("nan")}}, "lora_alpha"),
-    ("set_layers", {"group_id": "g1", "node_path": "encoder.layer.*", "layers": "0-20000000"}, "goes past the last"),
+    ("set_layers", {"group_id": "g1", "node_path": "encoder.layer.*", "layers": "0-20000000"}, "layers 0-20000000 are not in 0-11"),
     ("set_expressions", {"group_id": "g1", "expressions": ["[r](.*.*)*!"]}, "[r](.*.*)*!"),
     ("load_backbone", {"source": 5}, "load_backbone: 'source' must be a string"),
     ("load_backbone", None, "load_backbone expects a JSON object"),
