@@ -134,12 +134,16 @@ def test_rest_bodies_are_validated_with_clear_400s(tmp_path):
 def test_serving_beyond_loopback_requires_a_printed_token(monkeypatch, capsys, tmp_path):
     from flask_socketio import SocketIO
 
+    from designer import production
     from designer.cli import main
 
     seen = {}
     monkeypatch.setattr(SocketIO, "run", lambda self, app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(production, "serve", lambda build, host, port: seen.update(
+        app=build(), host=host, port=port, server="gunicorn"))
     main(["serve", "--host", "0.0.0.0", "--port", "5123", "--backbone", "catalog:gpt2",
           "--workspace", str(tmp_path)])
+    assert seen["server"] == "gunicorn" and (seen["host"], seen["port"]) == ("0.0.0.0", 5123)
     token = seen["app"].config["TOKEN"]
     assert token and len(token) > 20
     assert f"http://0.0.0.0:5123/?token={token}" in capsys.readouterr().out

@@ -48,7 +48,10 @@ def _versions(directory: Path) -> tuple[int, int]:
 
 
 def test_save_finetuned_killed_100_times_always_leaves_a_loadable_version(tmp_path):
-    context = multiprocessing.get_context("fork")
+    # children fork from a clean, single-threaded server that has imported torch once: cheap to
+    # start, and safe (forking this multi-threaded test process could deadlock the child)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "engine", "engine.methods.lora", __name__])
     directory = tmp_path / "delta"
     done = context.Value("q", 0)
     rng = random.Random(0)
@@ -56,8 +59,11 @@ def test_save_finetuned_killed_100_times_always_leaves_a_loadable_version(tmp_pa
     for _ in range(100):
         child = context.Process(target=_saver, args=(str(directory), done))
         child.start()
-        started = done.value
+        started, deadline = done.value, time.monotonic() + 60
         while done.value == started:  # at least one save of this child completed
+            if time.monotonic() > deadline or not child.is_alive():
+                child.kill()
+                pytest.fail(f"the saving process never completed a save (exit code {child.exitcode})")
             time.sleep(0.001)
         time.sleep(rng.uniform(0, 0.02))
         os.kill(child.pid, signal.SIGKILL)
