@@ -12,7 +12,6 @@ The update starts at zero (B = 0), so attaching changes no output.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from engine.layers import DeltaModule, new_linear, zero_init
+from engine.methods import lora_mixed
 from engine.roles.kinds import fused_expert_parameters
 from engine.routing import first_tensor, run_delta
 
@@ -71,55 +71,17 @@ class LoraLayer(DeltaModule):
         return True
 
     def add_mixed_into(self, module: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> bool:
-        """Inference in a mixed-task batch when every delta on ``module`` is a LoRA layer: the
-        first one adds every row's own task's update in two batched GEMMs (factors gathered per
-        row, S-LoRA/Punica style), and the others find it done. False: take the per-delta path."""
+        """Inference in a mixed-task batch when every delta on ``module`` is a LoRA layer this
+        path may compute directly: the first adds every row's own task's update at once
+        (:mod:`engine.methods.lora_mixed`), the others find it done. False: per-delta path."""
         batch = self.__dict__["_row_selector"].batch()
-        done_key = ("lora rows added", id(module))
-        first = next(child for child in module._modules.values() if isinstance(child, DeltaModule))
-        if first is not self:
-            done = batch.memo.get(done_key)
-            return done is not None and done() is target
         layers = [child for child in module._modules.values() if isinstance(child, DeltaModule)]
+        if layers[0] is not self:
+            return lora_mixed.already_added(batch, module, target)
         if not all(type(layer) is LoraLayer and layer._computes_directly(hidden, target) for layer in layers):
             return False
-        slot = _row_slots(batch, layers, target, type(module).__name__)
-        batch.memo[done_key] = weakref.ref(target)
-        if slot is None:
-            return True  # no row of this batch belongs to a task with LoRA here
-        stack_a, stack_b = self._stacked(layers)
-        rows, width = target.shape[0], target.shape[-1]
-        tasks, rank = stack_a.shape[0] - 1, stack_a.shape[1]
-        if (target.numel() // (rows * width)) * tasks <= _DENSE_LIMIT:
-            # few tokens a row: every task's factors on every row in two small dense GEMMs, the
-            # other tasks' columns zeroed per row — cheaper than gathering factors per row
-            low = F.linear(hidden.reshape(-1, hidden.shape[-1]), stack_a[:-1].reshape(tasks * rank, -1))
-            own = torch.eye(tasks + 1, tasks, dtype=low.dtype, device=low.device).index_select(0, slot)
-            low.view(rows, -1, tasks, rank).mul_(own[:, None, :, None])
-            target.view(-1, width).addmm_(low, stack_b[:-1].permute(0, 2, 1).reshape(tasks * rank, width))
-            return True
-        low = torch.bmm(hidden.reshape(rows, -1, hidden.shape[-1]), stack_a.index_select(0, slot).transpose(1, 2))
-        target.view(rows, -1, width).baddbmm_(low, stack_b.index_select(0, slot).transpose(1, 2))
+        lora_mixed.add_rows(batch, module, layers, hidden, target)
         return True
-
-    def _stacked(self, layers: list[LoraLayer]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's A (scaled) and B stacked, padded with zeros to the largest rank, plus a
-        last slot of zeros (rows of other tasks); kept on this layer until a factor changes."""
-        key = tuple((id(layer), layer.lora_A.weight._version, layer.lora_B.weight._version, layer.scaling)
-                    for layer in layers)
-        kept = self.__dict__.get("_stacked_factors")
-        if kept is not None and kept[0] == key:
-            return kept[1]
-        rank = max(layer.lora_A.weight.shape[0] for layer in layers)
-        weight = layers[0].lora_A.weight
-        stack_a = weight.new_zeros(len(layers) + 1, rank, weight.shape[1])
-        stack_b = weight.new_zeros(len(layers) + 1, layers[0].lora_B.weight.shape[0], rank)
-        for index, layer in enumerate(layers):
-            own = layer.lora_A.weight.shape[0]
-            stack_a[index, :own] = layer.lora_A.weight * layer.scaling
-            stack_b[index, :, :own] = layer.lora_B.weight
-        self.__dict__["_stacked_factors"] = (key, (stack_a, stack_b))
-        return stack_a, stack_b
 
     def _lora(self, dropped: torch.Tensor) -> torch.Tensor:
         # scaling the rank-r intermediate costs out/r times less than scaling the output
@@ -191,24 +153,6 @@ class LoraLayer(DeltaModule):
             else:
                 weight.sub_(self.update().to(weight.dtype))
         self.merged = False
-
-
-#: tokens per row × tasks up to which a mixed batch computes every task's LoRA on every row (two
-#: dense GEMMs) rather than gathering each row's factors (memory traffic of rows × rank × width)
-_DENSE_LIMIT = 32
-
-
-def _row_slots(batch: Any, layers: list[LoraLayer], target: torch.Tensor, where: str) -> torch.Tensor | None:
-    """Per row of ``target``, the index of its task's layer in ``layers`` (``len(layers)``: none);
-    None when no row has one. Computed once per batch for each arrangement of tasks."""
-    selectors = [layer.__dict__["_row_selector"] for layer in layers]
-    key = ("lora slots", tuple(s.name for s in selectors), target.shape[0], target.device)
-    if key not in batch.memo:
-        slot = torch.full((target.shape[0],), len(layers), dtype=torch.long)
-        for index, selector in enumerate(selectors):
-            slot[selector(target, where).cpu()] = index
-        batch.memo[key] = slot.to(target.device) if bool((slot < len(layers)).any()) else None
-    return batch.memo[key]
 
 
 def _has_global_hooks() -> bool:

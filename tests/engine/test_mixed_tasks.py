@@ -295,9 +295,9 @@ def test_lora_deltas_sharing_modules_are_computed_together_and_see_factor_change
     """Where every delta on a module is LoRA, one hook adds all rows' updates from factors
     stacked once and kept (gathered per row, or all tasks on all rows for short rows); changing
     a factor is seen by the next forward."""
-    from engine.methods import lora_layers
+    from engine.methods import lora_mixed
 
-    monkeypatch.setattr(lora_layers, "_DENSE_LIMIT", dense_limit)
+    monkeypatch.setattr(lora_mixed, "_DENSE_LIMIT", dense_limit)
     model = tiny_model("llama", dtype=torch.float64)
     deltas = {"a": _make(model, "lora", "a", 0), "b": _make(model, "lora", "b", 1)}
     with torch.no_grad():  # a different rank, padded with exact zeros
