@@ -41,9 +41,17 @@ class SessionStore:
         self.backbones = backbones
         backbones.in_use = self.open_backbones
         backbones.on_evict = self._forget
+        self._remove_interrupted_writes()
         self._sessions: dict[str, DesignSession] = {}
         self._previewers: dict[int, Previewer] = {}
         self._guard = threading.Lock()
+
+    def _remove_interrupted_writes(self) -> None:
+        """Temporary files of autosaves a killed server never renamed into place (``.ID.json.*``;
+        the autosave itself is intact: it is only ever replaced by a rename)."""
+        if self.directory.is_dir():
+            for leftover in self.directory.glob(".*.json.*"):
+                leftover.unlink(missing_ok=True)
 
     def open_backbones(self) -> set[int]:
         """Ids of the backbones some session has open (the cache never evicts those)."""

@@ -49,6 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+        _sync_directory(path.parent)  # the rename itself survives a power cut
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -3,9 +3,10 @@ layers on one module (S-LoRA/Punica style), instead of one gather-compute-scatte
 
 The layers' factors are stacked once — A scaled, ranks padded with exact zeros, plus a last slot
 of zeros for rows whose task has no LoRA here — and kept on the first layer until a factor
-changes. Short rows (few tokens) run every task's factors on every row in two dense GEMMs with
-the other tasks' columns zeroed; longer rows gather each row's factors for two batched GEMMs,
-which never computes an update a row does not use.
+changes; each call gathers every row's factors for two batched GEMMs, which never computes an
+update a row does not use. (Running every task's factors on every row in two dense GEMMs, the
+other tasks' columns zeroed, was tried and measured no faster on BERT-base with 32 one-token rows
+and 8 tasks — 1.03 × this, within the machine's noise — so the simpler form stays.)
 """
 
 from __future__ import annotations
@@ -14,12 +15,7 @@ import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-#: tokens per row × tasks up to which the dense form is used (gathering costs rows × rank × width
-#: of memory traffic, which dominates for short rows)
-_DENSE_LIMIT = 32
 
 
 def already_added(batch: Any, module: nn.Module, target: torch.Tensor) -> bool:
@@ -36,13 +32,6 @@ def add_rows(batch: Any, module: nn.Module, layers: list[Any], hidden: torch.Ten
         return  # no row of this batch belongs to a task with LoRA here
     stack_a, stack_b = _stacked(layers)
     rows, width = target.shape[0], target.shape[-1]
-    tasks, rank = stack_a.shape[0] - 1, stack_a.shape[1]
-    if (target.numel() // (rows * width)) * tasks <= _DENSE_LIMIT:
-        low = F.linear(hidden.reshape(-1, hidden.shape[-1]), stack_a[:-1].reshape(tasks * rank, -1))
-        own = torch.eye(tasks + 1, tasks, dtype=low.dtype, device=low.device).index_select(0, slot)
-        low.view(rows, -1, tasks, rank).mul_(own[:, None, :, None])
-        target.view(-1, width).addmm_(low, stack_b[:-1].permute(0, 2, 1).reshape(tasks * rank, width))
-        return
     low = torch.bmm(hidden.reshape(rows, -1, hidden.shape[-1]), stack_a.index_select(0, slot).transpose(1, 2))
     target.view(rows, -1, width).baddbmm_(low, stack_b.index_select(0, slot).transpose(1, 2))
 

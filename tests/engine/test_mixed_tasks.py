@@ -290,14 +290,9 @@ def test_another_thread_outside_the_block_still_runs_every_attached_delta():
     assert torch.equal(seen[0], full) and not torch.allclose(bare, full)
 
 
-@pytest.mark.parametrize("dense_limit", [0, 10**9], ids=["gathered", "dense"])
-def test_lora_deltas_sharing_modules_are_computed_together_and_see_factor_changes(dense_limit, monkeypatch):
+def test_lora_deltas_sharing_modules_are_computed_together_and_see_factor_changes():
     """Where every delta on a module is LoRA, one hook adds all rows' updates from factors
-    stacked once and kept (gathered per row, or all tasks on all rows for short rows); changing
-    a factor is seen by the next forward."""
-    from engine.methods import lora_mixed
-
-    monkeypatch.setattr(lora_mixed, "_DENSE_LIMIT", dense_limit)
+    stacked once and kept; changing a factor is seen by the next forward."""
     model = tiny_model("llama", dtype=torch.float64)
     deltas = {"a": _make(model, "lora", "a", 0), "b": _make(model, "lora", "b", 1)}
     with torch.no_grad():  # a different rank, padded with exact zeros
