@@ -73,13 +73,16 @@ class DesignSession:
 
     # --- backbone ----------------------------------------------------------------------------
 
-    def use_backbone(self, loaded: LoadedBackbone, previewer: Previewer) -> None:
+    def use_backbone(self, loaded: LoadedBackbone, previewer: Previewer, autosave: bool = True) -> None:
+        """Show ``loaded`` with a fresh design (one LoRA group). ``autosave=False`` for a first
+        visit: nothing the user chose yet, so no file is written (a thousand cookie-less
+        requests must not leave a thousand session files)."""
         with self.lock:
             if self.loaded is loaded:
                 return
             self.loaded, self.preview = loaded, previewer
             self.groups, self.active = [], None
-            self.add_group("lora")
+            self.add_group("lora", autosave=autosave)
 
     def require(self) -> tuple[LoadedBackbone, Previewer]:
         if self.loaded is None or self.preview is None:
@@ -94,7 +97,7 @@ class DesignSession:
                 return group
         raise PayloadError(f"there is no group {group_id!r}", "group_id")
 
-    def add_group(self, method: str = "lora") -> Group:
+    def add_group(self, method: str = "lora", autosave: bool = True) -> Group:
         with self.lock:
             if len(self.groups) >= MAX_GROUPS:
                 raise PayloadError(f"a design holds at most {MAX_GROUPS} groups; remove one first", "groups")
@@ -105,7 +108,8 @@ class DesignSession:
                           self._default_route(method), default_hyperparameters(method))
             self.groups.append(group)
             self.active = group.id
-            self._commit()
+            if autosave:
+                self._commit()
             return group
 
     def remove_group(self, group_id: str) -> None:

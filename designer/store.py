@@ -82,8 +82,8 @@ class SessionStore:
             self._restore(session)
         return session
 
-    def use(self, session: DesignSession, loaded: LoadedBackbone) -> None:
-        session.use_backbone(loaded, self.previewer(loaded))
+    def use(self, session: DesignSession, loaded: LoadedBackbone, autosave: bool = True) -> None:
+        session.use_backbone(loaded, self.previewer(loaded), autosave)
 
     def _path(self, session_id: str) -> Path:
         return self.directory / f"{session_id}.json"

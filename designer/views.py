@@ -57,7 +57,7 @@ def index() -> Response:
         waiting = _still_loading(store, source)
         if waiting is not None:
             return waiting
-        store.use(session, store.backbones.get(source))
+        store.use(session, store.backbones.get(source), autosave=False)  # a first visit writes nothing
     response = Response(render_template("index.html", backbone=session.require()[0].summary()))
     if session_id != cookie:
         response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="Strict")

@@ -21,3 +21,17 @@ def test_temporary_files_of_interrupted_autosaves_are_removed_on_start(tmp_path)
     create_app({"BACKBONE": "catalog:gpt2", "WORKSPACE": str(tmp_path)})
     assert not any(leftover.exists() for leftover in leftovers)
     assert kept.exists() and unrelated.read_text() == "mine"
+
+
+def test_first_visits_write_no_session_file_until_the_design_changes(tmp_path):
+    app, socketio = create_app({"BACKBONE": "catalog:gpt2", "WORKSPACE": str(tmp_path)})
+    for _ in range(50):  # cookie-less requests, as a crawler or a script sends them
+        assert app.test_client().get("/").status_code == 200
+    sessions = tmp_path / "sessions"
+    assert not sessions.exists() or not list(sessions.glob("*.json"))
+    http = app.test_client()
+    http.get("/")
+    client = socketio.test_client(app, flask_test_client=http)
+    design = [e for e in client.get_received() if e["name"] == "design_updated"][-1]["args"][0]
+    client.emit("toggle_nodes", {"group_id": design["groups"][0]["id"], "paths": ["lm_head"], "checked": True})
+    assert len(list(sessions.glob("*.json"))) == 1  # the first change is autosaved
