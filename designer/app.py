@@ -12,7 +12,7 @@ from flask_socketio import SocketIO
 from designer import bounded_json, events, security
 from designer.resources import resource_dir
 from designer.state import DEFAULT_BUDGET_BYTES, BackboneCache
-from designer.store import SessionStore
+from designer.store import MAX_SESSIONS, SessionStore
 from designer.views import bp
 from engine import DEFAULT_SOURCE, human_count
 
@@ -20,7 +20,8 @@ DEFAULTS: dict[str, Any] = {
     "BACKBONE": DEFAULT_SOURCE,
     "WORKSPACE": str(Path.home() / ".delta-designer"),
     "TOKEN": None,
-    "BACKBONE_BUDGET_BYTES": DEFAULT_BUDGET_BYTES,  # loaded backbones kept beyond this are evicted (LRU)
+    "BACKBONE_BUDGET_BYTES": DEFAULT_BUDGET_BYTES,
+    "MAX_SESSIONS": MAX_SESSIONS,  # sessions held in memory; idle ones beyond wait on disk  # loaded backbones kept beyond this are evicted (LRU)
     "HOST_POLICY": security.HostPolicy.for_bind("127.0.0.1"),  # the CLI sets it from --host
 }
 
@@ -46,7 +47,7 @@ def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     app.jinja_env.filters["human_count"] = human_count
     app.jinja_env.filters["thousands"] = "{:,}".format
     backbones = BackboneCache(app.config["BACKBONE"], int(app.config["BACKBONE_BUDGET_BYTES"]))
-    store = SessionStore(Path(app.config["WORKSPACE"]), backbones)
+    store = SessionStore(Path(app.config["WORKSPACE"]), backbones, int(app.config["MAX_SESSIONS"]))
     app.extensions["delta_designer"] = store
     security.install(app)
     app.register_blueprint(bp)

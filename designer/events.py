@@ -86,6 +86,7 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
         cookie = request.cookies.get(SESSION_COOKIE)
         session = store.get(cookie if valid_session_id(cookie) else new_session_id())
         sessions[request.sid] = session  # type: ignore[attr-defined]
+        store.connected(session.id, +1)
         join_room(session.id)
         socketio.emit("hello", {"methods": method_catalogue(), "session": session.id[:6]}, to=request.sid)  # type: ignore[attr-defined]
         if session.loaded is not None:
@@ -95,7 +96,9 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
 
     @socketio.on("disconnect")
     def disconnect(*_: Any) -> None:
-        sessions.pop(request.sid, None)  # type: ignore[attr-defined]
+        session = sessions.pop(request.sid, None)  # type: ignore[attr-defined]
+        if session is not None:
+            store.connected(session.id, -1)
 
     @socketio.on("load_backbone")
     def load_backbone(payload: Any = None) -> None:

@@ -23,6 +23,8 @@ from engine import DeltaError, atomic_write_bytes
 SESSION_COOKIE = "delta_designer_session"
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 log = logging.getLogger(__name__)
+#: design sessions kept in memory (each is small; the rest wait on disk)
+MAX_SESSIONS = 1024
 
 
 def new_session_id() -> str:
@@ -36,13 +38,17 @@ def valid_session_id(value: str | None) -> bool:
 class SessionStore:
     """Creates, restores and autosaves design sessions; holds one previewer per backbone."""
 
-    def __init__(self, workspace: Path, backbones: BackboneCache) -> None:
+    def __init__(self, workspace: Path, backbones: BackboneCache, max_sessions: int = MAX_SESSIONS) -> None:
         self.directory = workspace / "sessions"
         self.backbones = backbones
         backbones.in_use = self.open_backbones
         backbones.on_evict = self._forget
         self._remove_interrupted_writes()
+        #: sessions in memory, least recently used first; beyond ``max_sessions`` the oldest
+        #: without a connected socket are dropped (every change is on disk, so they come back)
         self._sessions: dict[str, DesignSession] = {}
+        self._sockets: dict[str, int] = {}
+        self.max_sessions = max_sessions
         self._previewers: dict[int, Previewer] = {}
         self._guard = threading.Lock()
 
@@ -71,16 +77,29 @@ class SessionStore:
         if not valid_session_id(session_id):
             raise ValueError("invalid session id")
         with self._guard:
-            session = self._sessions.get(session_id)
+            session = self._sessions.pop(session_id, None)
+            restore = session is None
             if session is None:
                 session = DesignSession(session_id, lambda state, sid=session_id: self._save(sid, state))
-                self._sessions[session_id] = session
-                restore = True
-            else:
-                restore = False
+            self._sessions[session_id] = session  # most recently used last
+            self._drop_idle_sessions()
         if restore:
             self._restore(session)
         return session
+
+    def connected(self, session_id: str, change: int) -> None:
+        """Count a socket connecting (+1) to or leaving (-1) a session; connected ones stay."""
+        with self._guard:
+            count = self._sockets.get(session_id, 0) + change
+            if count > 0:
+                self._sockets[session_id] = count
+            else:
+                self._sockets.pop(session_id, None)
+
+    def _drop_idle_sessions(self) -> None:
+        excess = len(self._sessions) - self.max_sessions
+        for session_id in [i for i in self._sessions if i not in self._sockets][:max(excess, 0)]:
+            del self._sessions[session_id]
 
     def use(self, session: DesignSession, loaded: LoadedBackbone, autosave: bool = True) -> None:
         session.use_backbone(loaded, self.previewer(loaded), autosave)

@@ -35,3 +35,23 @@ def test_first_visits_write_no_session_file_until_the_design_changes(tmp_path):
     design = [e for e in client.get_received() if e["name"] == "design_updated"][-1]["args"][0]
     client.emit("toggle_nodes", {"group_id": design["groups"][0]["id"], "paths": ["lm_head"], "checked": True})
     assert len(list(sessions.glob("*.json"))) == 1  # the first change is autosaved
+
+
+def test_idle_sessions_beyond_the_limit_leave_memory_and_come_back_from_disk(tmp_path):
+    app, socketio = create_app({"BACKBONE": "catalog:gpt2", "WORKSPACE": str(tmp_path), "MAX_SESSIONS": 3})
+    store = app.extensions["delta_designer"]
+    kept = app.test_client()
+    kept.get("/")
+    connected = socketio.test_client(app, flask_test_client=kept)  # a tab with its socket open
+    group = [e for e in connected.get_received() if e["name"] == "design_updated"][-1]["args"][0]["groups"][0]["id"]
+    changed = app.test_client()
+    changed.get("/")
+    changed.post("/api/design/import", json={"format": "delta-design/1", "deltas": [
+        {"delta_type": "lora", "name": "mine", "modified_modules": ["attn.q"]}]})
+    for _ in range(20):
+        app.test_client().get("/")
+    assert len(store._sessions) <= 3
+    assert store._sockets and set(store._sockets) <= set(store._sessions)  # the connected one stays
+    connected.emit("toggle_nodes", {"group_id": group, "paths": ["lm_head"], "checked": True})
+    assert [e for e in connected.get_received() if e["name"] == "design_updated"]  # never dropped
+    assert changed.get("/api/design").get_json()["groups"][0]["name"] == "mine"  # back from disk
