@@ -1,5 +1,6 @@
-"""Backbone factories for the start-up tests: one that waits for the test to release it, one
-that fails (loaded as ``python:tests.designer.slow_models:…`` sources)."""
+"""Backbone factories for the start-up and crash tests: one that waits for the test to release
+it, one that fails, one that is tiny and instant (loaded as ``python:tests.designer.slow_models:…``
+sources)."""
 
 import threading
 
@@ -16,3 +17,7 @@ def waits_for_release() -> nn.Module:
 
 def fails() -> nn.Module:
     raise RuntimeError("the checkpoint on disk is truncated")
+
+
+def tiny() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
