@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import random
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,6 @@ import engine
 from engine import checkpoint
 from engine.errors import CheckpointError
 from tests.engine.tiny import tiny_model
-from tests.kill_loop import killed_writers
 
 
 def _save_version(delta: engine.LoraModel, directory: Path, version: int) -> None:
@@ -46,10 +48,27 @@ def _versions(directory: Path) -> tuple[int, int]:
 
 
 def test_save_finetuned_killed_100_times_always_leaves_a_loadable_version(tmp_path):
+    # children fork from a clean, single-threaded server that has imported torch once: cheap to
+    # start, and safe (forking this multi-threaded test process could deadlock the child)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "engine", "engine.methods.lora", __name__])
     directory = tmp_path / "delta"
+    done = context.Value("q", 0)
+    rng = random.Random(0)
     interrupted = 0
-    for last in killed_writers(_saver, (str(directory),), ["torch", "engine", "engine.methods.lora", __name__],
-                               times=100, max_delay=0.02):
+    for _ in range(100):
+        child = context.Process(target=_saver, args=(str(directory), done))
+        child.start()
+        started, deadline = done.value, time.monotonic() + 60
+        while done.value == started:  # at least one save of this child completed
+            if time.monotonic() > deadline or not child.is_alive():
+                child.kill()
+                pytest.fail(f"the saving process never completed a save (exit code {child.exitcode})")
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.02))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        last = done.value
         interrupted += any(p.name.startswith(".") for p in directory.iterdir())
         config_version, weights_version = _versions(directory)  # finishes or discards the write
         assert config_version == weights_version, (config_version, weights_version)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import random
+import signal
+import time
 from pathlib import Path
 
-from tests.kill_loop import killed_writers
+import pytest
 
 SESSION = "K" * 24
 BACKBONE = "python:tests.designer.slow_models:tiny"  # instant to load, so each child saves at once
@@ -31,10 +35,26 @@ def _editor(workspace: str, done: multiprocessing.Value) -> None:  # type: ignor
 
 
 def test_a_server_killed_100_times_while_saving_always_restores_the_session(tmp_path):
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "designer.store", "designer.state", "tests.designer.slow_models",
+                                    __name__])
+    done = context.Value("q", 0)
+    rng = random.Random(1)
     saved = tmp_path / "sessions" / f"{SESSION}.json"
     interrupted = 0
-    preload = ["torch", "designer.store", "designer.state", "tests.designer.slow_models", __name__]
-    for last in killed_writers(_editor, (str(tmp_path),), preload, times=100, max_delay=0.03, seed=1):
+    for _ in range(100):
+        child = context.Process(target=_editor, args=(str(tmp_path), done))
+        child.start()
+        started, deadline = done.value, time.monotonic() + 120
+        while done.value == started:
+            if time.monotonic() > deadline or not child.is_alive():
+                child.kill()
+                pytest.fail(f"the editing process never saved (exit code {child.exitcode})")
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.03))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        last = done.value
         interrupted += any(p.name.startswith(".") for p in saved.parent.iterdir())
         version = json.loads(saved.read_text())["groups"][0]["hyperparameters"]["lora_r"]  # valid JSON
         assert version in (last, last + 1), (version, last)
