@@ -94,7 +94,7 @@ _EXPORTS: MappingProxyType[str, str] = MappingProxyType({
     "resolve": "engine.addressing",
 })
 
-__all__ = list(_EXPORTS)
+__all__ = tuple(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -7,8 +7,6 @@ import json
 import multiprocessing
 import os
 import random
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import engine
 from engine import checkpoint
 from engine.errors import CheckpointError
 from tests.engine.tiny import tiny_model
+from tests.kill_loop import kill_after_a_write
 
 
 def _save_version(delta: engine.LoraModel, directory: Path, version: int) -> None:
@@ -57,18 +56,7 @@ def test_save_finetuned_killed_100_times_always_leaves_a_loadable_version(tmp_pa
     rng = random.Random(0)
     interrupted = 0
     for _ in range(100):
-        child = context.Process(target=_saver, args=(str(directory), done))
-        child.start()
-        started, deadline = done.value, time.monotonic() + 60
-        while done.value == started:  # at least one save of this child completed
-            if time.monotonic() > deadline or not child.is_alive():
-                child.kill()
-                pytest.fail(f"the saving process never completed a save (exit code {child.exitcode})")
-            time.sleep(0.001)
-        time.sleep(rng.uniform(0, 0.02))
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
-        last = done.value
+        last = kill_after_a_write(context, _saver, (str(directory),), done, rng.uniform(0, 0.02))
         interrupted += any(p.name.startswith(".") for p in directory.iterdir())
         config_version, weights_version = _versions(directory)  # finishes or discards the write
         assert config_version == weights_version, (config_version, weights_version)

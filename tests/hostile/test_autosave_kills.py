@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import random
-import signal
-import time
 from pathlib import Path
 
-import pytest
+from tests.kill_loop import kill_after_a_write
 
 SESSION = "K" * 24
 BACKBONE = "python:tests.designer.slow_models:tiny"  # instant to load, so each child saves at once
@@ -43,18 +40,7 @@ def test_a_server_killed_100_times_while_saving_always_restores_the_session(tmp_
     saved = tmp_path / "sessions" / f"{SESSION}.json"
     interrupted = 0
     for _ in range(100):
-        child = context.Process(target=_editor, args=(str(tmp_path), done))
-        child.start()
-        started, deadline = done.value, time.monotonic() + 120
-        while done.value == started:
-            if time.monotonic() > deadline or not child.is_alive():
-                child.kill()
-                pytest.fail(f"the editing process never saved (exit code {child.exitcode})")
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.03))
-        os.kill(child.pid, signal.SIGKILL)
-        child.join()
-        last = done.value
+        last = kill_after_a_write(context, _editor, (str(tmp_path),), done, rng.uniform(0, 0.03))
         interrupted += any(p.name.startswith(".") for p in saved.parent.iterdir())
         version = json.loads(saved.read_text())["groups"][0]["hyperparameters"]["lora_r"]  # valid JSON
         assert version in (last, last + 1), (version, last)
