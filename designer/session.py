@@ -243,7 +243,8 @@ class DesignSession:
             groups = []
             for index, config in enumerate(design.deltas, start=1):
                 selection = resolve(loaded.twin_tree, expand_common_names(
-                    loaded.twin, config.modified_modules or method_for(config.delta_type).default_modified_modules),
+                    loaded.twin, config.modified_modules or method_for(config.delta_type).default_modified_modules,
+                    typed=bool(config.modified_modules)),
                     expand_common_names(loaded.twin, config.exclude_modules)).paths
                 values = config.to_dict()
                 hyper = {k: values[k] for k in default_hyperparameters(config.delta_type)}

@@ -83,6 +83,8 @@ _EXPORTS: MappingProxyType[str, str] = MappingProxyType({
     "UnknownBackboneError": "engine.errors",
     "UnknownPathError": "engine.errors",
     "Visualization": "engine.visualize",
+    "inspect_module_statistics": "engine.statistics",
+    "inspect_optimizer_statistics": "engine.statistics",
     "build_on_meta": "engine.backbones",
     "compile_selection": "engine.addressing",
     "format_indices": "engine.tree",
@@ -180,5 +182,9 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         infer_roles,
     )
     from engine.routing import Route, attach_route  # noqa: F401
+    from engine.statistics import (  # noqa: F401
+        inspect_module_statistics,
+        inspect_optimizer_statistics,
+    )
     from engine.tree import ModuleTree, TreeNode, format_indices, parse_indices  # noqa: F401
     from engine.visualize import Visualization, human_count  # noqa: F401

@@ -28,7 +28,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "delta.safetensors"
 CHECKPOINT_FORMAT = "delta-checkpoint/1"
 #: Keys of the config that describe a checkpoint rather than configure the delta.
-RECORD_KEYS = ("format", "resolved_modules", "backbone_class", "trainable_parameters", "unfrozen_paths")
+RECORD_KEYS = ("format", "resolved_modules", "backbone_class", "trainable_parameters", "unfrozen_paths",
+               "structure_hash")
 #: Tensor-name prefixes: parameters shared by all of a delta's modules, and backbone tensors that
 #: trained with the delta (its unfrozen modules). Module paths never contain "::".
 SHARED_PREFIX = "shared::"

@@ -7,12 +7,16 @@ input, and is the per-delta entry of a ``delta-design/1`` document.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from engine import opendelta
 from engine.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DELTA_DTYPES = ("auto", "backbone", "float32")
@@ -35,12 +39,19 @@ class DeltaConfig:
     #: dtype of the delta's parameters: "auto" = float32 on a 16-bit backbone (small updates do not
     #: vanish in bfloat16), else the backbone's; "backbone" = always the backbone's; or "float32"
     delta_dtype: str = "auto"
+    #: OpenDelta's flag: common names in ``modified_modules`` always mean their roles, even where
+    #: the model has a real module of that name (which wins otherwise: BERT's ``embeddings``)
+    common_structure: bool = False
 
     def __post_init__(self) -> None:
         self.modified_modules = _expression_list("modified_modules", self.modified_modules, True)
         self.exclude_modules = _expression_list("exclude_modules", self.exclude_modules, False) or []
         self.unfrozen_modules = _expression_list("unfrozen_modules", self.unfrozen_modules, False) or []
         one_of(self.delta_type or "delta", "delta_dtype", self.delta_dtype, DELTA_DTYPES)
+        if self.common_structure is None:
+            self.common_structure = False
+        if not isinstance(self.common_structure, bool):
+            raise ConfigError(f"common_structure must be true or false, got {self.common_structure!r}")
         if self.route is None:
             self.route = self.routes[0]
         if self.route not in self.routes:
@@ -48,6 +59,9 @@ class DeltaConfig:
                 f"{self.delta_type} does not support route {self.route!r}; "
                 f"it supports: {', '.join(self.routes)}"
             )
+        #: the name was not given: a delta built from this config may suffix it (``lora_1``) so it
+        #: does not collide with a delta already on the backbone (not a field: never saved)
+        self.automatic_name = self.name is None
         if self.name is None:
             self.name = self.delta_type
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -70,20 +84,31 @@ class DeltaConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DeltaConfig:
-        """Build from a dict (``delta_type`` may be present); unknown keys are an error."""
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> DeltaConfig:
+        """Build from a dict (``delta_type`` may be present). OpenDelta's own keys are read as
+        OpenDelta meant them (``engine.opendelta``). Any other unknown key is an error; with
+        ``strict=False`` it is listed in one warning and ignored (OpenDelta's example configs
+        carry training settings) — unless it looks like a typo of a real option."""
         if not isinstance(data, dict):
             raise ConfigError(f"a delta config must be a JSON object, got {type(data).__name__}")
-        values = {k: v for k, v in data.items() if k != "delta_type"}
         given_type = data.get("delta_type", cls.delta_type)
         if given_type != cls.delta_type:
             raise ConfigError(f"config has delta_type {given_type!r}, expected {cls.delta_type!r}")
-        unknown = sorted(set(values) - set(cls.field_names()))
-        if unknown:
+        values = opendelta.translate(cls.delta_type, {k: v for k, v in data.items() if k != "delta_type"})
+        fields = cls.field_names()
+        unknown = sorted(set(values) - set(fields))
+        typos = {k: opendelta.closest(k, fields) for k in unknown}
+        typos = {k: v for k, v in typos.items() if v is not None}
+        if unknown and (strict or typos):
+            hint = "; ".join(f"{k!r}: did you mean {v!r}?" for k, v in typos.items())
             raise ConfigError(
-                f"unknown {cls.delta_type} option(s): {', '.join(unknown)}; "
-                f"valid options are: {', '.join(cls.field_names())}"
+                f"unknown {cls.delta_type} option(s): {', '.join(typos or unknown)}"
+                f"{' (' + hint + ')' if hint else ''}; valid options are: {', '.join(fields)}"
             )
+        if unknown:
+            logger.warning("ignoring %d key(s) that are not %s options (training or run settings?): %s",
+                           len(unknown), cls.delta_type, ", ".join(unknown))
+            values = {k: v for k, v in values.items() if k in fields}
         try:
             return cls(**values)
         except TypeError as exc:

@@ -9,6 +9,7 @@ counting, logging and checkpoints.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ from engine.roles import IOSizes, ModelStructure, declared_sizes, expand_common_
 from engine.roles.kinds import mixture_sizes
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import probe_sizes
+from engine.statistics import inspect_module_statistics
 from engine.visualize import Visualization
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+logger = logging.getLogger(__name__)
 
 
 def _key(path: str) -> str:
@@ -108,12 +111,27 @@ class DeltaBase(Planning, nn.Module):
             #: the modules this delta wraps (these objects: a module later put at the same path is
             #: not one the delta was sized for)
             self._targets = {path: modules[path] for path in self.modified_paths}
+            self._avoid_taken_name(modules)
             self._structure: ModelStructure | None = structure  # for build_deltas, then dropped
             built = self.build_deltas({p: modules[p] for p in self.modified_paths})
             self._structure = None
             self.delta_modules = nn.ModuleDict({_key(p): built[p] for p in self.modified_paths})
             if attach:
                 self.attach()
+
+    def _avoid_taken_name(self, modules: dict[str, nn.Module]) -> None:
+        """As OpenDelta: a delta whose name was not given takes the first free one of ``lora``,
+        ``lora_1``, … (logged); a given name is kept (and a collision is an error on attach)."""
+        if not getattr(self.config, "automatic_name", False):
+            return
+        taken = {name for module in modules.values() for name, child in module._modules.items()
+                 if getattr(child, "is_delta_module", False)}
+        base, suffix = self.config.name, 0
+        while self.config.name in taken:
+            suffix += 1
+            self.config.name = f"{base}_{suffix}"
+        if suffix:
+            logger.info("a %s delta is already on this backbone: this one is named %r", base, self.config.name)
 
     # --- what a method provides --------------------------------------------------------------
 
@@ -312,22 +330,40 @@ class DeltaBase(Planning, nn.Module):
         """All parameters of this delta, trainable or not."""
         return sum(p.numel() for p in self.parameters())
 
-    def log(self, console: Console | None = None) -> dict[str, Any]:
-        """Print the collapsed backbone tree (deltas highlighted) and the counts; return counts."""
+    def log(self, module: nn.Module | None = None, delta_ratio: bool = True, trainable_ratio: bool = True,
+            visualization: bool = True, cuda_memory: bool = True, *, console: Console | None = None) -> dict[str, Any]:
+        """Print the collapsed tree of ``module`` (default: the backbone; deltas highlighted) and
+        the ratios OpenDelta's ``log`` prints — each part can be turned off as there — and return
+        the counts: this delta's ``trainable_parameters``, ``modules`` and ``percent_of_backbone``,
+        plus :func:`~engine.statistics.inspect_module_statistics` of ``module``."""
+        if not isinstance(module, (nn.Module, type(None))):
+            raise ConfigError(f"log(module=...) takes the module to show, got a {type(module).__name__} "
+                              "(pass a rich Console as console=...)")
+        module = self.backbone_model if module is None else module
         console = console or Console()
-        Visualization(self.backbone_model).structure_graph(console=console)
-        backbone_total = sum(
-            p.numel() for p in {id(p): p for p in self.backbone_model.parameters()}.values()
-        )
+        if visualization:
+            Visualization(module).structure_graph(console=console)
+        stat = inspect_module_statistics(module, verbose=False)
         trainable = self.num_trainable_parameters()
-        percent = 100.0 * trainable / max(backbone_total - self.num_delta_parameters(), 1)
+        backbone_total = stat["total_parameters"] - stat["delta_parameters"]
+        percent = 100.0 * trainable / max(backbone_total, 1)
         console.print(
             f"{self.name} ({self.delta_type}) on {len(self.modified_paths)} modules: "
             f"{trainable:,} trainable parameters, {percent:.4f}% of the backbone",
             highlight=False,
         )
+        if trainable_ratio:
+            console.print(f"Trainable Ratio: {stat['trainable_parameters']:,}/{stat['total_parameters']:,}"
+                          f"={100 * stat['trainable_ratio']:.6f}%", highlight=False)
+        if delta_ratio:
+            console.print(f"Delta Parameter Ratio: {stat['delta_parameters']:,}/{stat['total_parameters']:,}"
+                          f"={100 * stat['delta_ratio']:.6f}%", highlight=False)
+        if cuda_memory and torch.cuda.is_available():
+            console.print(f"Static Memory {stat['cudamem']:.2f} GB, Max Memory {stat['maxcudamem']:.2f} GB",
+                          highlight=False)
         return {"trainable_parameters": trainable, "modules": len(self.modified_paths),
-                "percent_of_backbone": percent}
+                "percent_of_backbone": percent, **{k: v for k, v in stat.items() if k != "trainable_parameters"},
+                "total_trainable_parameters": stat["trainable_parameters"]}
 
     # --- merging (methods that can override) -----------------------------------------------
 
@@ -367,13 +403,19 @@ class DeltaBase(Planning, nn.Module):
 
     @classmethod
     def from_finetuned(
-        cls, directory: str | Path, backbone_model: nn.Module, *, is_trainable: bool = False
+        cls, directory: str | Path, backbone_model: nn.Module, *, is_trainable: bool = False,
+        check_hash: bool = True, local_files_only: bool = False, cache_dir: str | Path | None = None,
     ) -> DeltaBase:
         """Rebuild a saved delta on ``backbone_model``; the backbone is untouched if anything fails.
 
         As PEFT's ``is_trainable=False``: for inference the model is put in ``eval()`` and nothing
         requires grad. ``is_trainable=True`` freezes the backbone as it was when saved (its
         unfrozen modules trainable) and keeps the model's mode.
+
+        As OpenDelta's: ``check_hash`` refuses a backbone whose structure (parameter names, shapes,
+        dtypes — not values) differs from the one the delta was saved on; ``cache_dir`` is looked
+        in first; nothing is downloaded, whatever ``local_files_only`` says.
         """
-        return persistence.load(Path(directory), backbone_model, is_trainable=is_trainable,
-                                expected=None if cls is DeltaBase else cls)
+        found = persistence.locate(directory, cache_dir=cache_dir, local_files_only=local_files_only)
+        return persistence.load(found, backbone_model, is_trainable=is_trainable,
+                                expected=None if cls is DeltaBase else cls, check_hash=check_hash)

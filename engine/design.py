@@ -73,7 +73,7 @@ class Design:
                 raise ConfigError(f"deltas[{index}] must be an object, got {type(entry).__name__}")
             try:
                 configs.append(AutoDeltaConfig.from_dict(
-                    {k: v for k, v in entry.items() if k not in _EXPORT_ONLY}))
+                    {k: v for k, v in entry.items() if k not in _EXPORT_ONLY}, strict=True))
             except DeltaError as exc:
                 raise ConfigError(f"deltas[{index}] ({entry.get('name', '?')}): {exc}") from exc
             recorded.append({k: entry[k] for k in _EXPORT_ONLY if k in entry})

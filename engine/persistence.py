@@ -9,6 +9,7 @@ an error at save time: a checkpoint never silently leaves out a trained tensor.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,34 @@ def _unfrozen_tensors(delta: DeltaBase, trainable_only: bool) -> dict[str, torch
     return result
 
 
+def structure_hash(model: nn.Module) -> str:
+    """A hash of the backbone's structure — every parameter's and persistent buffer's name, shape
+    and dtype, delta modules left out — never of its values (so a meta copy hashes as the real one)."""
+    in_deltas = _delta_tensor_ids(model)
+    persistent = [(f"{path}.{name}" if path else name, buffer)
+                  for path, module in model.named_modules()
+                  for name, buffer in module.named_buffers(recurse=False)
+                  if name not in module._non_persistent_buffers_set]
+    digest = hashlib.sha256()
+    for name, tensor in (*model.named_parameters(), *persistent):
+        if id(tensor) not in in_deltas:
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    return digest.hexdigest()[:32]
+
+
+def locate(directory: str | Path, *, cache_dir: str | Path | None = None, local_files_only: bool = False) -> Path:
+    """The local checkpoint directory (OpenDelta's ``cache_dir`` is looked in first). Deltas are
+    never downloaded here, so a name that is no local directory is an error either way."""
+    candidates = ([Path(cache_dir) / str(directory)] if cache_dir is not None else []) + [Path(directory)]
+    found = next((c for c in candidates if c.is_dir()), None)
+    if found is None:
+        where = " or ".join(repr(str(c)) for c in candidates)
+        raise CheckpointError(
+            f"no delta checkpoint at {where}: it is not a local directory, and deltas are never "
+            f"downloaded (local_files_only={local_files_only}); download it first and pass its path")
+    return found
+
+
 def unfrozen_parameters(delta: DeltaBase) -> dict[str, nn.Parameter]:
     return _unfrozen_tensors(delta, trainable_only=True)  # type: ignore[return-value]
 
@@ -112,6 +141,7 @@ def save(delta: DeltaBase, directory: Path) -> Path:
         "resolved_modules": delta.modified_paths,
         "unfrozen_paths": delta.unfrozen_paths,
         "backbone_class": type(backbone).__name__,
+        "structure_hash": structure_hash(backbone),
         "trainable_parameters": delta.num_trainable_parameters(),
     }
     return write_checkpoint(directory, config, state)
@@ -142,8 +172,10 @@ def fill(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load(directory: Path, backbone_model: nn.Module, *, is_trainable: bool,
-         expected: type | None = None) -> DeltaBase:
-    """Rebuild a saved delta on ``backbone_model``; the backbone is untouched if anything fails."""
+         expected: type | None = None, check_hash: bool = True) -> DeltaBase:
+    """Rebuild a saved delta on ``backbone_model``; the backbone is untouched if anything fails.
+    With ``check_hash``, a backbone whose structure differs from the one it was saved on (names,
+    shapes, dtypes) is refused before anything is attached or filled."""
     raw, tensors = read_checkpoint(directory)
     cls = method_for(raw["delta_type"])
     if expected is not None and not issubclass(cls, expected):
@@ -158,6 +190,14 @@ def load(directory: Path, backbone_model: nn.Module, *, is_trainable: bool,
             "this checkpoint was made for another backbone: its modules do not match. "
             f"In the checkpoint only: {listing(missing)}; in this backbone only: {listing(extra)}"
         )
+    recorded = raw.get("structure_hash")
+    if check_hash and recorded is not None and recorded != structure_hash(backbone_model):
+        raise CheckpointError(
+            f"{str(directory)!r} was saved on a backbone of another structure ({raw.get('backbone_class')}, "
+            f"structure hash {recorded}) than this {type(backbone_model).__name__} "
+            f"({structure_hash(backbone_model)}): parameter names, shapes or dtypes differ. "
+            "Load it on the backbone it was trained on, or pass check_hash=False to load it anyway "
+            "(the modules and tensor shapes are still checked)")
     delta.unfrozen_paths = _existing_paths(backbone_model, raw.get("unfrozen_paths") or [])
     fill(delta, tensors)
     delta.attach()

@@ -110,13 +110,14 @@ class Planning:
     @classmethod
     def _resolve(cls, structure: ModelStructure, config: DeltaConfig) -> list[str]:
         expressions = config.modified_modules
+        typed = bool(expressions) and not config.common_structure
         if not expressions:
             if not cls.default_modified_modules:
                 raise ConfigError(f"{config.delta_type} has no default positions; give modified_modules")
             expressions = default_positions(structure, cls.default_modified_modules)
         report = resolve(
             structure.tree,
-            expand_common_names(structure, list(expressions)),
+            expand_common_names(structure, list(expressions), typed=typed),
             expand_common_names(structure, list(config.exclude_modules)),
         )
         if not report.paths:

@@ -75,31 +75,66 @@ def pseudo_input_variants(model: nn.Module) -> Iterator[dict[str, Any]]:
         yield {**base, "attention_mask": mask}
 
 
+def user_dummy_inputs(model: nn.Module) -> dict[str, Any] | None:
+    """Inputs the user gave the model for pseudo passes (OpenDelta's ``dummy_inputs``): set on the
+    instance, or defined by a class of the user's (transformers' own generic default is not
+    one), moved to the model's device."""
+    owner = next((k for k in type(model).__mro__ if "dummy_inputs" in vars(k)), None)
+    given = "dummy_inputs" in model.__dict__ or (
+        owner is not None and not owner.__module__.startswith(("transformers.", "torch.")))
+    if not given:
+        return None
+    value = model.dummy_inputs
+    if isinstance(value, torch.Tensor):
+        value = {"input_ids": value}
+    if not isinstance(value, dict):
+        raise TypeError(f"{type(model).__name__}.dummy_inputs must be a dict of keyword inputs (or a "
+                        f"tensor of input ids), got {type(value).__name__}")
+    device, _ = module_device_dtype(model, model)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+
+
+def _pass_targets(model: nn.Module) -> list[nn.Module]:
+    """The model, then — for a wrapper whose own forward a pseudo input cannot call — the
+    outermost transformers models it holds (each run on its own inputs)."""
+    inner = []
+    for path, module in model.named_modules():
+        if path and hasattr(module, "main_input_name") and getattr(module, "config", None) is not None and not any(
+                path.startswith(outer + ".") for outer, _ in inner):
+            inner.append((path, module))
+    return [model, *(module for _, module in inner)]
+
+
 def run_pseudo_passes(model: nn.Module, done: Callable[[], bool]) -> list[str]:
     """Run pseudo inputs through ``model`` until ``done()``; return the errors met on the way.
 
+    The model's own ``dummy_inputs`` (when the user gave them) go first. A wrapper that holds
+    backbones but whose forward rejects every pseudo input has its backbones run instead.
     Call it with the model's lock held (the probes that add hooks must hold it around the
     registration too).
     """
     errors: list[str] = []
     with model_lock(model):
-        try:
-            variants = list(pseudo_input_variants(model))
-        except Exception as exc:  # noqa: BLE001 - a config the pseudo input cannot follow
-            return [f"no pseudo input for this model ({type(exc).__name__}: {exc})"]
-        for inputs in variants:
+        for target in _pass_targets(model):
             try:
-                with torch.no_grad(), _eval_mode(model), _experts_runnable_on_meta(model):
-                    if _accepts_use_cache(model):
-                        model(**inputs, use_cache=False)
-                    else:
-                        model(**inputs)
-            except ProbeComplete:
-                break
-            except Exception as exc:  # noqa: BLE001 - every failure is reported with its paths
-                errors.append(f"{type(exc).__name__}: {exc}")
-            if done():
-                break
+                given = user_dummy_inputs(target)
+                variants = ([given] if given is not None else []) + list(pseudo_input_variants(target))
+            except Exception as exc:  # noqa: BLE001 - a config the pseudo input cannot follow
+                errors.append(f"no pseudo input for {type(target).__name__} ({type(exc).__name__}: {exc})")
+                continue
+            for inputs in variants:
+                try:
+                    with torch.no_grad(), _eval_mode(target), _experts_runnable_on_meta(target):
+                        if _accepts_use_cache(target) and "use_cache" not in inputs:
+                            target(**inputs, use_cache=False)
+                        else:
+                            target(**inputs)
+                except ProbeComplete:
+                    return errors
+                except Exception as exc:  # noqa: BLE001 - every failure is reported with its paths
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                if done():
+                    return errors
     return errors
 
 

@@ -35,20 +35,28 @@ class Visualization:
         tree = model if isinstance(model, ModuleTree) else ModuleTree.from_model(model)
         self.tree = tree if tree.collapsed else tree.collapse()
 
-    def build(self) -> Tree:
-        """The rich Tree of the collapsed structure, without printing it."""
+    def build(self, rootname: str = "root", keep_non_params: bool = True) -> Tree:
+        """The rich Tree of the collapsed structure, without printing it; ``keep_non_params=False``
+        leaves out modules with no parameters in their subtree (dropouts, activations)."""
         root = self.tree.root
-        rich_tree = Tree(_label(root, root_name="root"), guide_style="grey50")
-        self._add_children(rich_tree, root)
+        rich_tree = Tree(_label(root, root_name=rootname), guide_style="grey50")
+        self._add_children(rich_tree, root, keep_non_params)
         return rich_tree
 
-    def _add_children(self, branch: Tree, node: TreeNode) -> None:
+    def _add_children(self, branch: Tree, node: TreeNode, keep_non_params: bool) -> None:
         for child in node.children:
-            self._add_children(branch.add(_label(child)), child)
+            if keep_non_params or child.total_parameters:
+                self._add_children(branch.add(_label(child)), child, keep_non_params)
 
-    def structure_graph(self, console: Console | None = None, printTree: bool = True) -> Tree:
-        """Print the collapsed tree (unless ``printTree=False``) and return the rich Tree."""
-        rich_tree = self.build()
+    def structure_graph(self, console: Console | None = None, printTree: bool = True, *,  # noqa: N803 - OpenDelta's name
+                        rootname: str = "root", keep_non_params: bool = True, expand_params: bool = True) -> Tree:
+        """Print the collapsed tree (unless ``printTree=False``) and return the rich Tree.
+
+        OpenDelta's options: ``rootname``; ``keep_non_params=False`` hides parameter-free modules
+        (OpenDelta's default; here everything is shown unless asked, as the designer shows it);
+        ``expand_params`` is accepted for compatibility: every node lists its own parameters.
+        """
+        rich_tree = self.build(rootname, keep_non_params)
         if printTree:
             (console or Console()).print(rich_tree)
         return rich_tree

@@ -54,7 +54,7 @@ class IA3Model(DeltaBase):
         if expressions is None:
             if "ff.w2" not in available_roles(structure):
                 return set()
-            expressions = ["ff.w2"]
+            return set(resolve(structure.tree, expand_common_names(structure, ["ff.w2"], typed=False)).paths)
         return set(resolve(structure.tree, expand_common_names(structure, list(expressions))).paths)
 
     @classmethod

@@ -23,6 +23,7 @@ from engine.layers import DeltaModule
 from engine.registry import register
 from engine.roles.kinds import IOSizes
 from engine.routing import RouteHandle
+from engine.tree import all_modules
 
 
 @dataclass
@@ -156,6 +157,21 @@ class _SoftPromptHooks:
         return args, kwargs
 
 
+def embedding_host(modules: dict[str, nn.Module]) -> tuple[nn.Module | None, nn.Module | None]:
+    """The model whose forward takes the input ids, and its input embedding: the backbone itself,
+    or — for a user's wrapper without ``get_input_embeddings`` — the outermost model it holds
+    that has one (the prompt's hooks go on that model's forward)."""
+    for path in sorted(modules, key=lambda p: (p.count(".") if p else -1, p)):
+        getter = getattr(modules[path], "get_input_embeddings", None)
+        try:
+            embedding = getter() if callable(getter) else None
+        except (NotImplementedError, AttributeError):
+            embedding = None
+        if isinstance(embedding, nn.Module):
+            return modules[path], embedding
+    return None, None
+
+
 @register
 class SoftPromptModel(DeltaBase):
     """Prompt tuning on the model's input embeddings."""
@@ -167,8 +183,7 @@ class SoftPromptModel(DeltaBase):
 
     @classmethod
     def select_targets(cls, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
-        model = modules[""]
-        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        _, embedding = embedding_host(modules)
         names = [p for p, m in modules.items() if m is embedding]
         if embedding is None or paths != names[:1]:
             raise ModuleNotSupportedError(
@@ -183,4 +198,5 @@ class SoftPromptModel(DeltaBase):
         return SoftPrompt(module, self.config, device, dtype)  # type: ignore[arg-type]
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
-        return RouteHandle([_SoftPromptHooks(self.backbone_model, module, delta)])  # type: ignore[list-item]
+        host, _ = embedding_host(all_modules(self.backbone_model))
+        return RouteHandle([_SoftPromptHooks(host, module, delta)])  # type: ignore[list-item,arg-type]

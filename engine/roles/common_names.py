@@ -5,11 +5,14 @@ releases (ViT's ``attention.q_proj`` in 5.x) need no table update; ``COMMON_NAME
 inference only where it is wrong.
 
 A common name in ``modified_modules`` is replaced by the architecture's own addressing
-expressions, so one config works across model families. To address a module whose real name
-happens to be a common name (GPT-2's ``attn``), write it as a regex: ``[r]attn``.
+expressions, so one config works across model families. A real module name always means that
+module: a typed name that is both (T5's ``layer_norm``) selects the real modules, and the log
+says so. OpenDelta's spellings (``attn.proj``, ``crossattn.q``, ``lm_head.proj``, …) are common
+names too.
 
 Common names and default positions never select the output head (``lm_head``; OpenDelta's
-``default_exclude_modules``): training it is a choice a person makes by typing its real name.
+``default_exclude_modules``) — except ``lm_head.proj``, OpenDelta's name for it: training it is
+a choice a person makes by typing a name for it.
 """
 
 from __future__ import annotations
@@ -27,9 +30,18 @@ from engine.roles.inference import Roles, infer_roles
 from engine.tree import ModuleTree, all_modules
 
 COMMON_NAMES = (
-    "attn", "attn.q", "attn.k", "attn.v", "attn.o",
-    "ff", "ff.w1", "ff.w2", "ff.gate", "layer_norm", "embeddings", "moe", "moe.experts",
+    "attn", "attn.q", "attn.k", "attn.v", "attn.o", "attn.layer_norm",
+    "ff", "ff.w1", "ff.w2", "ff.gate", "ff.layer_norm", "layer_norm", "embeddings", "moe", "moe.experts",
+    # OpenDelta's spellings (its common_structure mapping)
+    "attn.proj", "lm_head.proj", "crossattn", "crossattn.q", "crossattn.k", "crossattn.v", "crossattn.proj",
+    "crossattn.layer_norm",
 )
+#: OpenDelta's names for roles that have another name here
+_ALIASES: Mapping[str, str] = MappingProxyType({
+    "attn.proj": "attn.o", "crossattn": "cross_attn", "crossattn.layer_norm": "cross_attn.layer_norm"})
+#: OpenDelta's cross-attention projections: the projection roles, inside cross-attention blocks
+_CROSS_PROJECTIONS: Mapping[str, str] = MappingProxyType({
+    "crossattn.q": "attn.q", "crossattn.k": "attn.k", "crossattn.v": "attn.v", "crossattn.proj": "attn.o"})
 
 #: Default positions only — a name the user wrote is never replaced. Where a model has no module in
 #: a default's role, the first role of its chain that it has is used instead, and the choice logged.
@@ -101,6 +113,17 @@ class ModelStructure:
         head = set(self.roles.by_role.get("head", ()))
         return [p for p in self.roles.by_role.get(role, ()) if p not in head]
 
+    def common_paths(self, name: str) -> list[str]:
+        """The modules a common name stands for (OpenDelta's spellings included). Only
+        ``lm_head.proj``, which names it, selects the output head."""
+        if name == "lm_head.proj":
+            return list(self.roles.by_role.get("head", ()))
+        if name in _CROSS_PROJECTIONS:
+            blocks = self.role_paths("cross_attn")
+            return [p for p in self.role_paths(_CROSS_PROJECTIONS[name])
+                    if any(p.startswith(b + ".") for b in blocks)]
+        return self.role_paths(_ALIASES.get(name, name))
+
 
 def model_type_of(model: nn.Module) -> str | None:
     config: Any = getattr(model, "config", None)
@@ -116,7 +139,7 @@ def available_roles(target: nn.Module | ModelStructure) -> set[str]:
     """The common names this model has modules for."""
     structure = ModelStructure.of(target)
     table = COMMON_NAME_MAP.get(model_type_of(structure.model) or "", {})
-    return set(table) | {r for r in COMMON_NAMES if structure.role_paths(r)}
+    return set(table) | {r for r in COMMON_NAMES if structure.common_paths(r)}
 
 
 def default_positions(target: nn.Module | ModelStructure, defaults: list[str]) -> list[str]:
@@ -151,11 +174,15 @@ def default_positions(target: nn.Module | ModelStructure, defaults: list[str]) -
     return chosen
 
 
-def expand_common_names(target: nn.Module | ModelStructure, expressions: list[str]) -> list[str]:
+def expand_common_names(target: nn.Module | ModelStructure, expressions: list[str], *,
+                        typed: bool = True) -> list[str]:
     """Replace common names by the architecture's expressions; other expressions pass through.
 
     The hand-written table wins where it has the architecture; any other model's roles are
-    inferred from its structure (``engine.roles``) and compiled to exact expressions.
+    inferred from its structure (``engine.roles``) and compiled to exact expressions. A name a
+    person ``typed`` that is also a real module name in this model (T5's ``layer_norm``,
+    Blenderbot's) means that module, as a real name always does; the log says so. A method's
+    default positions (``typed=False``) are always roles.
     """
     structure = ModelStructure.of(target)
     model = structure.model
@@ -165,12 +192,18 @@ def expand_common_names(target: nn.Module | ModelStructure, expressions: list[st
         if expression not in COMMON_NAMES:
             result.append(expression)
             continue
+        if typed and structure.tree.tails().get(expression):
+            logger.info("%r is a module name in %s: it selects those modules, not the common name's "
+                        "(write the modules you mean, e.g. from `delta-designer tree`, for the role)",
+                        expression, _model_label(model))
+            result.append(expression)
+            continue
         if table is not None and expression in table:
             result.extend(e for e in table[expression] if e not in result)
             continue
-        paths = structure.role_paths(expression)
+        paths = structure.common_paths(expression)
         if not paths:
-            found = ", ".join(sorted(r for r in structure.roles.by_role if r in COMMON_NAMES)) or "none"
+            found = ", ".join(sorted(r for r in COMMON_NAMES if structure.common_paths(r))) or "none"
             raise ConfigError(
                 f"common name {expression!r}: no module of {_model_label(model)} was "
                 f"recognised in that role (roles found: {found}); give the real module names in "

@@ -49,7 +49,9 @@ LABELS = MappingProxyType({
     "attn.k": "key projection", "attn.v": "value projection", "attn.qkv": "fused q, k, v projection",
     "attn.o": "attention output projection", "ff": "feed-forward block", "ff.w1": "feed-forward up-projection",
     "ff.gate": "feed-forward gate projection", "ff.w2": "feed-forward down-projection",
-    "layer_norm": "normalisation", "embeddings": "input embeddings", "head": "output head",
+    "layer_norm": "normalisation", "attn.layer_norm": "attention's normalisation",
+    "ff.layer_norm": "feed-forward's normalisation",
+    "cross_attn.layer_norm": "cross-attention's normalisation", "embeddings": "input embeddings", "head": "output head",
     "moe": "mixture-of-experts block", "moe.experts": "mixture-of-experts experts (fused parameters)",
     "layers": "repeated layer", "tower.vision": "vision tower", "tower.text": "text tower",
     "tower.audio": "audio tower",
@@ -78,6 +80,8 @@ class Roles:
             roles = [r for r in roles if r not in ("attn.q", "attn.k", "attn.v")]
         if len(roles) > 1 and "ff" in roles:
             roles.remove("ff")
+        if "layer_norm" in roles and any(r.endswith(".layer_norm") for r in roles):
+            roles.remove("layer_norm")
         return ", ".join(LABELS.get(role, role) for role in roles)
 
 
@@ -141,11 +145,7 @@ def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
         if path and is_norm(module):
             roles.add("layer_norm", path)
     for role, getter in (("embeddings", "get_input_embeddings"), ("head", "get_output_embeddings")):
-        accessor = getattr(model, getter, None)
-        try:
-            target = accessor() if callable(accessor) else None
-        except (NotImplementedError, AttributeError, TypeError):
-            target = None
+        target = _accessed(model, getter, modules)
         path = next((p for p, m in modules.items() if m is target), None) if target is not None else None
         if path:
             roles.add(role, path)
@@ -157,6 +157,20 @@ def infer_roles(model: nn.Module, tree: ModuleTree | None = None) -> Roles:
                      for r, ps in roles.by_role.items()}
     roles.by_role = {r: ps for r, ps in roles.by_role.items() if ps}
     return roles
+
+
+def _accessed(model: nn.Module, getter: str, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """What the model's ``getter`` returns; for a user's wrapper without one, what the outermost
+    model inside it that has one returns."""
+    for path in ["", *sorted((p for p in modules if p), key=lambda p: p.count("."))]:
+        accessor = getattr(model if not path else modules[path], getter, None)
+        try:
+            target = accessor() if callable(accessor) else None
+        except (NotImplementedError, AttributeError, TypeError):
+            target = None
+        if isinstance(target, nn.Module):
+            return target
+    return None
 
 
 def _by_layer(layers: list[str], modules: dict[str, nn.Module]) -> dict[str, dict[str, nn.Module]]:
@@ -221,6 +235,7 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
     for path in writing:
         roles.add("ff.w2", path)
     members = reading + writing + experts
+    _classify_norms(layer, [p for p in inside if p != layer and is_norm(modules[p])], attention, members, roles)
     if members:
         common = _common_parent(members)
         if common and common != layer and common.startswith(prefix):
@@ -230,6 +245,46 @@ def _classify_layer(layer: str, modules: dict[str, nn.Module], roles: Roles) -> 
         else:
             for path in members:
                 roles.add("ff", path)
+
+
+#: a layer's own norms, by name, where the layer holds them beside its blocks (Llama, GPT-2, OPT):
+#: the feed-forward spellings are tried first (``post_attention_layernorm`` is the FFN's)
+_FF_NORM = re.compile(r"(post_attention|ffn|mlp|ln_2|ln2|norm2|final_layer_norm|ff_|_ff|output_layer_norm|_after$)",
+                      re.I)
+_ATTN_NORM = re.compile(r"(attn|attention|input_layernorm|ln_1|ln1|norm1|^sa_|_before$)", re.I)
+#: norms of queries and keys inside an attention block (Qwen3's, OLMoE's, MLA's latent norms) are
+#: no block's normalisation
+_INNER_NORM = re.compile(r"^(q|k|kv|q_a|kv_a|query|key)_(layer)?norm", re.I)
+
+
+def _classify_norms(layer: str, norms: list[str], attention: list[str], feed_forward: list[str],
+                    roles: Roles) -> None:
+    """``attn.layer_norm`` / ``ff.layer_norm`` (OpenDelta's names): a norm inside an attention
+    block, or in a sub-block holding one (T5's ``layer.0``), is the attention's; one in a
+    sub-block holding feed-forward projections (BERT's ``output``, T5's ``layer.2``) is the FFN's;
+    a norm the layer holds beside both is placed by its name (never a stack's final norm). A norm beside a cross-attention
+    block is ``cross_attn.layer_norm``."""
+    for norm in norms:
+        if _INNER_NORM.match(norm.rsplit(".", 1)[-1]):
+            continue
+        owner = norm.rsplit(".", 1)[0] if "." in norm else ""
+        found = None
+        while found is None and owner != layer and owner:
+            blocks = [a for a in attention if a == owner or a.startswith(owner + ".")]
+            ffn = [f for f in feed_forward if f.startswith(owner + ".")]
+            if blocks and not ffn:
+                found = "cross_attn" if any(a in roles.by_role.get("cross_attn", ()) for a in blocks) else "attn"
+            elif ffn and not blocks:
+                found = "ff"
+            owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+        parent = norm.rsplit(".", 1)[0] if "." in norm else ""
+        beside_attention = any((a.rsplit(".", 1)[0] if "." in a else "") == parent for a in attention)
+        if found is None and (layer or beside_attention):  # never a whole stack's final norm
+            name = norm.rsplit(".", 1)[-1]
+            found = ("ff" if _FF_NORM.search(name) else "cross_attn" if _CROSS.search(name)
+                     else "attn" if _ATTN_NORM.search(name) else None)
+        if found is not None:
+            roles.add(f"{found}.layer_norm", norm)
 
 
 def _residual_width(norms: list[str], modules: dict[str, nn.Module]) -> int | None:

@@ -144,7 +144,7 @@ def test_log_prints_the_tree_with_delta_modules_and_the_count():
     delta = LoraModel(model, ["query"], lora_r=2)
     delta.freeze_module()
     buffer = io.StringIO()
-    summary = delta.log(Console(file=buffer, width=120, color_system=None))
+    summary = delta.log(console=Console(file=buffer, width=120, color_system=None))
     assert buffer.getvalue() == (
         "root (BertModel) 20.2K (256 trainable)\n"
         "├── embeddings (BertEmbeddings) 5.3K frozen\n"
@@ -181,10 +181,14 @@ def test_log_prints_the_tree_with_delta_modules_and_the_count():
         "    ├── dense (Linear) weight[32,32] bias[32] 1.1K frozen\n"
         "    └── activation (Tanh)\n"
         "lora (lora) on 2 modules: 256 trainable parameters, 1.2814% of the backbone\n"
+        "Trainable Ratio: 256/20,234=1.265197%\n"
+        "Delta Parameter Ratio: 256/20,234=1.265197%\n"
     )
     backbone = sum(p.numel() for p in model.parameters()) - 256
-    assert summary == {"trainable_parameters": 256, "modules": 2,
-                       "percent_of_backbone": 100 * 256 / backbone}
+    assert summary == {"trainable_parameters": 256, "modules": 2, "percent_of_backbone": 100 * 256 / backbone,
+                       "total_parameters": backbone + 256, "total_trainable_parameters": 256,
+                       "trainable_ratio": 256 / (backbone + 256), "delta_parameters": 256,
+                       "delta_ratio": 256 / (backbone + 256), "cudamem": 0.0, "maxcudamem": 0.0}
 
 
 # --- state errors ------------------------------------------------------------------------------

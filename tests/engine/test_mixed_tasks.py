@@ -18,7 +18,7 @@ TASKS = ["a", "b", None, "a", "b"]
 METHODS: dict[str, dict[str, Any]] = {
     "lora": {"delta_type": "lora", "modified_modules": ["attn.q", "attn.v", "ff.w2"], "lora_dropout": 0.1},
     "dora": {"delta_type": "lora", "modified_modules": ["attn.q", "attn.v"], "use_dora": True, "lora_dropout": 0.1},
-    "lora_embedding": {"delta_type": "lora", "modified_modules": ["embeddings"]},
+    "lora_embedding": {"delta_type": "lora", "modified_modules": ["embeddings"], "common_structure": True},
     "adapter": {"delta_type": "adapter"},
     "low_rank_adapter": {"delta_type": "low_rank_adapter"},
     "parallel_adapter": {"delta_type": "parallel_adapter"},
