@@ -11,7 +11,7 @@ from flask import render_template
 from designer.payloads import PayloadError
 from designer.preview import peft_availability
 from designer.session import DesignSession
-from engine import ConfigError, method_for, peft_adapter_config
+from engine import ConfigError, base_model_id, method_for, peft_adapter_config
 
 FORMATS = {
     "json": ("delta-design.json", "application/json"),
@@ -55,6 +55,6 @@ def _peft(session: DesignSession, document: dict[str, Any]) -> dict[str, Any]:
         {k: v for k, v in entry.items() if k not in ("resolved_modules", "trainable_parameters")})
     delta = method_for("lora")(loaded.twin, config=config, attach=False)
     try:
-        return peft_adapter_config(delta, loaded.source, document["unfrozen_modules"] or None)
+        return peft_adapter_config(delta, base_model_id(loaded.source), document["unfrozen_modules"] or None)
     except ConfigError as error:
         raise PayloadError(str(error), "peft") from error

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 #: public name → the module that defines it
 _EXPORTS: MappingProxyType[str, str] = MappingProxyType({
     "CATALOG": "engine.catalog",
+    "base_model_id": "engine.catalog",
     "COMMON_NAMES": "engine.roles",
     "DTYPE_BYTES": "engine.estimate",
     "REGISTRY": "engine.registry",
@@ -127,7 +128,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         list_architectures,
         load_backbone,
     )
-    from engine.catalog import CATALOG, CatalogEntry  # noqa: F401
+    from engine.catalog import CATALOG, CatalogEntry, base_model_id  # noqa: F401
     from engine.checkpoint import atomic_write_bytes  # noqa: F401
     from engine.config import DeltaConfig  # noqa: F401
     from engine.delta import DeltaBase  # noqa: F401

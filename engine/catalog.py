@@ -216,6 +216,38 @@ CATALOG: MappingProxyType[str, CatalogEntry] = MappingProxyType({
 })
 
 
+#: the Hugging Face Hub model whose shape each catalog entry has: what an exported adapter names as
+#: its ``base_model_name_or_path`` (PEFT and the Hub read it), never ``catalog:…``
+HUB_IDS: MappingProxyType[str, str] = MappingProxyType({
+    "bert-base-uncased": "google-bert/bert-base-uncased",
+    "roberta-base": "FacebookAI/roberta-base",
+    "gpt2": "openai-community/gpt2",
+    "t5-base": "google-t5/t5-base",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3-70b": "meta-llama/Meta-Llama-3-70B",
+    "llama-3.1-405b": "meta-llama/Llama-3.1-405B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "vit-base": "google/vit-base-patch16-224",
+    "whisper-small": "openai/whisper-small",
+    "clip-vit-base": "openai/clip-vit-base-patch32",
+})
+#: the embedded default backbone's Hub id
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def base_model_id(source: str | None) -> str | None:
+    """What an exported adapter should name as its base model for a backbone ``source``: the Hub
+    id of a catalog shape or of the embedded default, a local directory or hub id as given, and
+    nothing for an architecture's default config (no checkpoint has it)."""
+    if not source or source.startswith(("arch:", "python:")):
+        return None
+    if source.startswith("catalog:"):
+        return HUB_IDS.get(source.removeprefix("catalog:"))
+    return MINILM_HUB_ID if source == "minilm" else source
+
+
 def thawed(value: Any) -> Any:
     """A fresh, mutable deep copy of a catalog value (configurations may be changed by whoever
     builds from them; the catalog itself never is)."""

@@ -165,6 +165,11 @@ def positive_number(owner: str, name: str, value: Any) -> None:
         raise ConfigError(f"{owner}: {name} must be a positive, finite number, got {value!r}")
 
 
+def finite_number(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{owner}: {name} must be a finite number, got {value!r}")
+
+
 def probability(owner: str, name: str, value: Any) -> None:
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
             or not 0 <= value < 1):

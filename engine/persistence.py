@@ -41,7 +41,7 @@ def _delta_tensor_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def _unfrozen_tensors(delta: DeltaBase, trainable_only: bool) -> dict[str, torch.Tensor]:
+def unfrozen_tensors(delta: DeltaBase, trainable_only: bool) -> dict[str, torch.Tensor]:
     """Backbone tensor name → tensor inside the delta's unfrozen modules (never a delta's own)."""
     backbone = delta.backbone_model
     if not delta.unfrozen_paths:
@@ -94,13 +94,13 @@ def locate(directory: str | Path, *, cache_dir: str | Path | None = None, local_
 
 
 def unfrozen_parameters(delta: DeltaBase) -> dict[str, nn.Parameter]:
-    return _unfrozen_tensors(delta, trainable_only=True)  # type: ignore[return-value]
+    return unfrozen_tensors(delta, trainable_only=True)  # type: ignore[return-value]
 
 
 def checkpoint_state(delta: DeltaBase) -> dict[str, torch.Tensor]:
     """Every tensor a checkpoint of ``delta`` holds, by key."""
     return {**delta.delta_state(),
-            **{BACKBONE_PREFIX + name: t for name, t in _unfrozen_tensors(delta, trainable_only=False).items()}}
+            **{BACKBONE_PREFIX + name: t for name, t in unfrozen_tensors(delta, trainable_only=False).items()}}
 
 
 def _gathered(tensor: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ def _writes() -> bool:
 def save(delta: DeltaBase, directory: Path) -> Path:
     backbone = delta.backbone_model
     in_deltas = _delta_tensor_ids(backbone) | {id(p) for p in delta.parameters()}
-    saved = {id(t) for t in _unfrozen_tensors(delta, trainable_only=False).values()}
+    saved = {id(t) for t in unfrozen_tensors(delta, trainable_only=False).values()}
     stray = [name for name, p in backbone.named_parameters()
              if p.requires_grad and id(p) not in in_deltas and id(p) not in saved]
     if stray:

@@ -2,10 +2,12 @@
 with keys ``base_model.model.<module path>.<tensor>``.
 
 LoRA (with rsLoRA, DoRA and per-module ranks/alphas), IA3 and soft prompts (prompt tuning)
-move both ways. Target modules are written as full module paths, which PEFT matches exactly; on
-import, PEFT's own matching rules (suffix lists, full-match regex strings, ``(.*\\.)?(key)$``
-patterns) are applied to the backbone and turned into this library's expressions. What PEFT
-cannot express — or what this library cannot — is refused with the feature named.
+move both ways, with ``modules_to_save`` (whole modules trained beside the adapter: a delta's
+unfrozen modules here). An export names its modules compactly (suffixes, narrowed by
+``layers_to_transform`` where that is exact) and is matched back to check it; an import applies
+PEFT's own matching rules (``engine.interop.peft_matching``). What PEFT cannot express — or what
+this library cannot — is refused with the option named, before any tensor is read
+(``engine.interop.peft_options``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch import nn
 
 from engine.addressing import compile_selection
 from engine.checkpoint import (
+    BACKBONE_PREFIX,
+    listing,
     read_safetensors,
     recover,
     safetensors_data,
@@ -27,7 +31,13 @@ from engine.checkpoint import (
 )
 from engine.delta import DeltaBase
 from engine.errors import CheckpointError, ConfigError
-from engine.persistence import set_trainable
+from engine.interop.peft_matching import (
+    compact_targets,
+    modules_to_save_paths,
+    target_paths,
+)
+from engine.interop.peft_options import refuse_unsupported
+from engine.persistence import set_trainable, unfrozen_tensors
 from engine.roles import ModelStructure
 from engine.roles.kinds import is_fused_experts
 from engine.tree import ModuleTree, all_modules
@@ -35,7 +45,6 @@ from engine.tree import ModuleTree, all_modules
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-LORA_LAYERS = ("Linear", "Conv1D", "Embedding", "Conv2d")
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -45,16 +54,21 @@ def peft_adapter_config(
     delta: DeltaBase, base_model_name_or_path: str | None = None,
     modules_to_save: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` PEFT needs for ``delta``; refused (naming why) otherwise."""
+    """The ``adapter_config.json`` PEFT needs for ``delta``; refused (naming why) otherwise.
+
+    ``modules_to_save`` defaults to the delta's unfrozen backbone modules (their tensors travel in
+    the adapter file); ``base_model_name_or_path`` to the backbone config's ``_name_or_path``.
+    """
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(delta.backbone_model, "config", None), "_name_or_path", None) or None
+    saved = _modules_to_save(delta, modules_to_save)
     kind = delta.delta_type
     if kind == "lora":
-        return _lora_config(delta, base_model_name_or_path, modules_to_save)
+        return _lora_config(delta, base_model_name_or_path, saved)
     if kind == "ia3":
-        feedforward = [p for p in delta.modified_paths if delta.delta_modules[p.replace(".", "/")].on_input]
         return {"peft_type": "IA3", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-                "target_modules": list(delta.modified_paths), "feedforward_modules": feedforward,
-                "fan_in_fan_out": _fan_in_fan_out(delta), "modules_to_save": modules_to_save or None,
-                "init_ia3_weights": True, "inference_mode": False}
+                **_ia3_targets(delta), "fan_in_fan_out": _fan_in_fan_out(delta),
+                "modules_to_save": saved, "init_ia3_weights": True, "inference_mode": False}
     if kind == "soft_prompt":
         config = getattr(delta.backbone_model, "config", None)
         if getattr(config, "is_encoder_decoder", False):
@@ -64,13 +78,74 @@ def peft_adapter_config(
             delta.backbone_model, "can_generate", lambda: False)() else "FEATURE_EXTRACTION"
         soft = next(iter(delta.delta_modules.values())).soft_embeds
         return {"peft_type": "PROMPT_TUNING", "task_type": task,
-                "base_model_name_or_path": base_model_name_or_path,
+                "base_model_name_or_path": base_model_name_or_path, "modules_to_save": saved,
                 "num_virtual_tokens": soft.shape[0], "token_dim": soft.shape[1],
                 "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM", "inference_mode": False}
     raise ConfigError(
         f"PEFT export supports lora, ia3 and soft_prompt deltas; {kind} has no PEFT equivalent "
         "with the same behaviour (save it with save_finetuned instead)"
     )
+
+
+def _modules_to_save(delta: DeltaBase, given: list[str] | None) -> list[str] | None:
+    """PEFT's ``modules_to_save`` for the delta's unfrozen modules (or ``given`` expressions):
+    full paths, each of which PEFT's name-ending rule must match alone, none holding a wrapped
+    layer, none sharing a weight with another module (PEFT would train an untied copy)."""
+    model = delta.backbone_model
+    if given is None:
+        paths = list(delta.unfrozen_paths)
+    else:
+        from engine.addressing import resolve
+        from engine.roles import expand_common_names
+
+        structure = ModelStructure(model)
+        paths = resolve(structure.tree, expand_common_names(structure, list(given))).paths if given else []
+    if not paths:
+        return None
+    everything = [p for p in all_modules(model) if p]
+    for path in paths:
+        matched = [p for p in everything if p.endswith(path)]
+        if matched != [path] and not all(p == path or p.startswith(path + ".") for p in matched):
+            raise ConfigError(f"unfrozen module {path!r} cannot be named in PEFT's modules_to_save: PEFT "
+                              f"matches names by their ending and would also train {listing(matched)}")
+        inside = [t for t in delta.modified_paths if t == path or t.startswith(path + ".")]
+        if inside:
+            raise ConfigError(f"unfrozen module {path!r} holds adapted layers ({listing(inside)}): PEFT never "
+                              "adapts a layer inside modules_to_save")
+    _refuse_tied(model, paths)
+    return paths
+
+
+def _refuse_tied(model: nn.Module, paths: list[str]) -> None:
+    """A module PEFT saves whole must not share a weight with a module outside it: PEFT trains a
+    copy (untying them), this library the shared tensor (changing both)."""
+    owners: dict[int, set[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), set()).add(name.rsplit(".", 1)[0])
+    for path in paths:
+        for parameter in all_modules(model)[path].parameters():
+            outside = sorted(o for o in owners.get(id(parameter), ()) if o != path and not o.startswith(path + "."))
+            if outside:
+                raise ConfigError(
+                    f"modules_to_save {path!r} shares its weight with {listing(outside)} (tied embeddings): PEFT "
+                    "trains an untied copy, this library the shared tensor, so the two would differ; untie "
+                    "the weights first (model.config.tie_word_embeddings=False before loading) or list both")
+
+
+def _ia3_targets(delta: DeltaBase) -> dict[str, Any]:
+    """IA3's targets and feed-forward modules: PEFT wants the latter to be a subset of the former's
+    entries, so the compact form is used only where whole entries are feed-forward ones."""
+    model, paths = delta.backbone_model, delta.modified_paths
+    feedforward = [p for p in paths if delta.delta_modules[p.replace(".", "/")].on_input]
+    compact = compact_targets(model, paths, "IA3")
+    if "layers_to_transform" not in compact:
+        entries = [e for e in compact["target_modules"] if set(target_paths(
+            model, {"target_modules": [e]}, "IA3")) & set(paths) <= set(feedforward)]
+        if entries and target_paths(model, {**compact, "target_modules": entries}, "IA3") == feedforward:
+            return {**compact, "feedforward_modules": entries}
+        if not feedforward:
+            return {**compact, "feedforward_modules": []}
+    return {"target_modules": list(paths), "feedforward_modules": feedforward}
 
 
 def _fan_in_fan_out(delta: DeltaBase) -> bool:
@@ -81,7 +156,7 @@ def _fan_in_fan_out(delta: DeltaBase) -> bool:
     return kinds == {"Conv1D"}
 
 
-def _lora_config(delta: DeltaBase, base: str | None, modules_to_save: list[str] | None) -> dict[str, Any]:
+def _lora_config(delta: DeltaBase, base: str | None, saved: list[str] | None) -> dict[str, Any]:
     modules = all_modules(delta.backbone_model)
     experts = [p for p in delta.modified_paths if is_fused_experts(modules[p])]
     if experts:
@@ -95,30 +170,43 @@ def _lora_config(delta: DeltaBase, base: str | None, modules_to_save: list[str] 
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base,
         "r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-        "target_modules": list(delta.modified_paths), "fan_in_fan_out": _fan_in_fan_out(delta),
-        "bias": "none", "modules_to_save": modules_to_save or None, "init_lora_weights": True,
+        **compact_targets(delta.backbone_model, delta.modified_paths, "LORA"),
+        "fan_in_fan_out": _fan_in_fan_out(delta),
+        "bias": "none", "modules_to_save": saved, "init_lora_weights": True,
         "use_rslora": config.use_rslora, "use_dora": config.use_dora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "inference_mode": False,
     }
 
 
-def _peft_tensors(delta: DeltaBase) -> dict[str, torch.Tensor]:
+def _peft_tensors(delta: DeltaBase, saved: list[str] | None = None) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
     if delta.delta_type == "soft_prompt":
-        return {"prompt_embeddings": next(iter(delta.delta_modules.values())).soft_embeds.detach()}
-    tensors = {}
-    for key, tensor in delta.delta_state().items():
-        if delta.delta_type == "ia3":
-            path = key.rsplit(".", 1)[0]
-            on_input = delta.delta_modules[path.replace(".", "/")].on_input
-            tensor = tensor.reshape(1, -1) if on_input else tensor.reshape(-1, 1)
-        tensors[PREFIX + key] = tensor.detach()
+        tensors["prompt_embeddings"] = next(iter(delta.delta_modules.values())).soft_embeds.detach()
+    else:
+        for key, tensor in delta.delta_state().items():
+            if delta.delta_type == "ia3":
+                path = key.rsplit(".", 1)[0]
+                on_input = delta.delta_modules[path.replace(".", "/")].on_input
+                tensor = tensor.reshape(1, -1) if on_input else tensor.reshape(-1, 1)
+            tensors[PREFIX + key] = tensor.detach()
+    if saved:
+        modules = all_modules(delta.backbone_model)
+        for path in saved:
+            for name, tensor in modules[path].state_dict(keep_vars=True).items():
+                if not any(f".{d}." in f".{name}" for d in _delta_names(delta.backbone_model)):
+                    tensors[f"{PREFIX}{path}.{name}"] = tensor.detach()
     return tensors
+
+
+def _delta_names(model: nn.Module) -> set[str]:
+    return {name for module in model.modules() for name, child in module._modules.items()
+            if getattr(child, "is_delta_module", False)}
 
 
 def export_peft(delta: DeltaBase, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write ``delta`` in PEFT's layout so ``PeftModel.from_pretrained`` loads it."""
     config = peft_adapter_config(delta, base_model_name_or_path)
-    tensors = _peft_tensors(delta)
+    tensors = _peft_tensors(delta, config.get("modules_to_save"))
     if any(t.is_meta for t in tensors.values()):
         raise ConfigError("this delta lives on a meta backbone and has no values to export")
     return write_files_together(Path(directory), {
@@ -127,23 +215,6 @@ def export_peft(delta: DeltaBase, directory: str | Path, base_model_name_or_path
 
 
 # --- import ------------------------------------------------------------------------------------
-
-
-def _peft_targets(model: nn.Module, target: Any, kinds: tuple[str, ...]) -> list[str]:
-    """The module paths PEFT would wrap: a regex string full-matches, a list matches suffixes."""
-    paths = []
-    for name, module in all_modules(model).items():
-        if not name or type(module).__name__ not in kinds:
-            continue
-        if isinstance(target, str):
-            hit = re.fullmatch(target, name) is not None
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in target or [])
-        if hit:
-            paths.append(name)
-    if not paths:
-        raise ConfigError(f"the PEFT target_modules {target!r} match no supported layer of this backbone")
-    return paths
 
 
 def _pattern_for(paths: list[str], pattern: dict[str, Any], default: Any) -> dict[str, Any]:
@@ -156,64 +227,76 @@ def _pattern_for(paths: list[str], pattern: dict[str, Any], default: Any) -> dic
     return result
 
 
-def _refuse(config: dict[str, Any], **allowed: Any) -> None:
-    for name, fine in allowed.items():
-        value = config.get(name)
-        if value not in fine:
-            raise ConfigError(f"this PEFT adapter uses {name}={value!r}, which this library cannot express; "
-                              f"supported: {', '.join(map(repr, fine))}")
-
-
-def import_peft(directory: str | Path, backbone_model: nn.Module, *, is_trainable: bool = False) -> DeltaBase:
-    """Load a PEFT adapter directory as a delta on ``backbone_model`` (same outputs as PEFT).
-
-    As PEFT's ``is_trainable=False``: for inference the model is put in ``eval()`` and nothing
-    requires grad; ``is_trainable=True`` freezes the backbone and leaves the delta trainable.
-    """
-    from engine.auto import AutoDeltaModel
-
-    directory = Path(directory)
-    recover(directory)
+def _read_config(directory: Path) -> dict[str, Any]:
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
     except FileNotFoundError as error:
         raise CheckpointError(f"{str(directory)!r} has no {CONFIG_FILE}: not a PEFT adapter directory") from error
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{CONFIG_FILE} in {str(directory)!r} is not valid JSON: {error}") from error
-    kind = config.get("peft_type")
-    tree = ModuleTree.from_model(backbone_model)
-    raw = read_safetensors(directory / WEIGHTS_FILE)
-    tensors = {k.removeprefix(PREFIX): v for k, v in raw.items() if ".base_layer." not in k}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{CONFIG_FILE} in {str(directory)!r} is not a JSON object")
+    return config
+
+
+def _delta_config(kind: str, config: dict[str, Any], model: nn.Module, tree: ModuleTree) -> dict[str, Any]:
+    """This library's delta config for a PEFT adapter config (no tensor read yet)."""
     if kind == "LORA":
-        _refuse(config, bias=("none", None), modules_to_save=(None, []), layers_to_transform=(None,),
-                lora_bias=(False, None), target_parameters=(None, []))
-        paths = _peft_targets(backbone_model, config.get("target_modules"), LORA_LAYERS)
-        delta_config = {"delta_type": "lora", "modified_modules": compile_selection(tree, paths),
-                        "lora_r": config["r"], "lora_alpha": config["lora_alpha"],
-                        "lora_dropout": config.get("lora_dropout", 0.0),
-                        "use_rslora": bool(config.get("use_rslora")), "use_dora": bool(config.get("use_dora")),
-                        "rank_pattern": _pattern_for(paths, config.get("rank_pattern") or {}, config["r"]),
-                        "alpha_pattern": _pattern_for(paths, config.get("alpha_pattern") or {}, config["lora_alpha"])}
-    elif kind == "IA3":
-        _refuse(config, modules_to_save=(None, []))
-        paths = _peft_targets(backbone_model, config.get("target_modules"), ("Linear", "Conv1D"))
-        feedforward = _peft_targets(backbone_model, config.get("feedforward_modules"), ("Linear", "Conv1D")) \
+        paths = target_paths(model, config, "LORA")
+        return {"delta_type": "lora", "modified_modules": compile_selection(tree, paths),
+                "lora_r": config["r"], "lora_alpha": config["lora_alpha"],
+                "lora_dropout": config.get("lora_dropout", 0.0),
+                "use_rslora": bool(config.get("use_rslora")), "use_dora": bool(config.get("use_dora")),
+                "rank_pattern": _pattern_for(paths, config.get("rank_pattern") or {}, config["r"]),
+                "alpha_pattern": _pattern_for(paths, config.get("alpha_pattern") or {}, config["lora_alpha"])}
+    if kind == "IA3":
+        paths = target_paths(model, config, "IA3")
+        feedforward = target_paths(model, config, "IA3", "feedforward_modules") \
             if config.get("feedforward_modules") else []
-        delta_config = {"delta_type": "ia3", "modified_modules": compile_selection(tree, paths),
-                        "feedforward_modules": compile_selection(tree, feedforward) if feedforward else []}
-        tensors = {k: v.reshape(-1) for k, v in tensors.items()}
-    elif kind == "PROMPT_TUNING":
-        _refuse(config, num_transformer_submodules=(1, None))
-        prompt = tensors.get("prompt_embeddings")
-        if prompt is None:
-            raise CheckpointError(f"{WEIGHTS_FILE} has no prompt_embeddings")
-        delta_config = {"delta_type": "soft_prompt", "soft_token_num": int(prompt.shape[0]), "token_init": False}
-    else:
-        raise ConfigError(f"PEFT adapters of type {kind!r} have no equivalent here; "
-                          "supported: LORA, IA3, PROMPT_TUNING")
+        return {"delta_type": "ia3", "modified_modules": compile_selection(tree, paths),
+                "feedforward_modules": compile_selection(tree, feedforward) if feedforward else []}
+    return {"delta_type": "soft_prompt", "soft_token_num": int(config["num_virtual_tokens"]), "token_init": False}
+
+
+def import_peft(directory: str | Path, backbone_model: nn.Module, *, is_trainable: bool = False) -> DeltaBase:
+    """Load a PEFT adapter directory as a delta on ``backbone_model`` (same outputs as PEFT).
+
+    Its ``modules_to_save`` become the delta's unfrozen modules, their saved tensors loaded into
+    the backbone. As PEFT's ``is_trainable=False``: for inference the model is put in ``eval()``
+    and nothing requires grad; ``is_trainable=True`` freezes the backbone but for the delta and
+    those modules.
+    """
+    from engine.auto import AutoDeltaModel
+
+    directory = Path(directory)
+    recover(directory)
+    config = _read_config(directory)
+    kind = config.get("peft_type")
+    refuse_unsupported(config, str(kind))
+    if kind == "PROMPT_TUNING" and not isinstance(config.get("num_virtual_tokens"), int):
+        raise CheckpointError(f"{CONFIG_FILE} has no num_virtual_tokens")
+    tree = ModuleTree.from_model(backbone_model)
+    saved_paths = modules_to_save_paths(backbone_model, config.get("modules_to_save"))
+    _refuse_tied(backbone_model, saved_paths)
+    delta_config = _delta_config(str(kind), config, backbone_model, tree)
+    if saved_paths:
+        delta_config["unfrozen_modules"] = ["deltas", *compile_selection(tree, saved_paths)]
+    raw = read_safetensors(directory / WEIGHTS_FILE)  # only now: the config is one we can reproduce
+    tensors = {k.removeprefix(PREFIX): v for k, v in raw.items() if ".base_layer." not in k}
+    backbone_keys = [k for k in tensors if any(k.startswith(p + ".") for p in saved_paths)]
+    tensors.update({BACKBONE_PREFIX + k: tensors.pop(k) for k in backbone_keys})
     delta = AutoDeltaModel.from_config(delta_config, backbone_model, attach=False)
+    delta.unfrozen_paths = saved_paths
     if kind == "PROMPT_TUNING":
-        tensors = {f"{delta.modified_paths[0]}.soft_embeds": tensors["prompt_embeddings"]}
+        if "prompt_embeddings" not in tensors:
+            raise CheckpointError(f"{WEIGHTS_FILE} has no prompt_embeddings")
+        tensors[f"{delta.modified_paths[0]}.soft_embeds"] = tensors.pop("prompt_embeddings")
+    if kind == "IA3":
+        tensors = {k: v if k.startswith(BACKBONE_PREFIX) else v.reshape(-1) for k, v in tensors.items()}
+    expected_backbone = {k.removeprefix(BACKBONE_PREFIX) for k in unfrozen_tensors(delta, trainable_only=False)}
+    missing = sorted(expected_backbone - {k.removeprefix(BACKBONE_PREFIX) for k in tensors})
+    if missing:
+        raise CheckpointError(f"the adapter's modules_to_save miss trained tensors: {listing(missing)}")
     delta.load_delta_state(tensors)
     delta.attach()
     set_trainable(delta, is_trainable)

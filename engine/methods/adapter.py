@@ -46,6 +46,8 @@ class AdapterLayer(DeltaModule):
         self.activation = ACT2FN[non_linearity]
         self.up = up
         self.channels_first = False
+        #: a factor on the output (ParallelAdapter's ``scaled``)
+        self.scale = 1.0
 
     def along_features_of(self, module: nn.Module) -> AdapterLayer:
         """Run along the wrapped module's feature dimension: dimension 1 for a convolution."""
@@ -61,8 +63,10 @@ class AdapterLayer(DeltaModule):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.channels_first:
-            return self.up(self.activation(self.down(hidden.movedim(1, -1)))).movedim(-1, 1)
-        return self.up(self.activation(self.down(hidden)))
+            output = self.up(self.activation(self.down(hidden.movedim(1, -1)))).movedim(-1, 1)
+        else:
+            output = self.up(self.activation(self.down(hidden)))
+        return output if self.scale == 1.0 else output * self.scale
 
 
 def route_dims(route: str | None, sizes: IOSizes) -> tuple[int, int]:

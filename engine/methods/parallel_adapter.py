@@ -13,7 +13,7 @@ from typing import ClassVar
 from torch import nn
 
 from engine.addressing import resolve
-from engine.config import DeltaConfig, one_of, positive_int
+from engine.config import DeltaConfig, finite_number, one_of, positive_int
 from engine.delta import DeltaBase
 from engine.errors import ConfigError
 from engine.layers import DeltaModule
@@ -34,11 +34,13 @@ class ParallelAdapterConfig(DeltaConfig):
     bottleneck_dim: int = field(default=24, metadata={"help": "width of the bottleneck"})
     non_linearity: str = field(default="gelu_new", metadata={
         "help": "activation between down and up", "choices": ACTIVATIONS})
+    scaled: float = field(default=1.0, metadata={"help": "factor on the adapter's output (OpenDelta's)"})
     pair_modules: list[str] | None = field(default=None, metadata={
         "help": "parallel_pair: the modules whose output receives the adapter (default ff.w2)"})
 
     def validate(self) -> None:
         positive_int("parallel_adapter", "bottleneck_dim", self.bottleneck_dim)
+        finite_number("parallel_adapter", "scaled", self.scaled)
         one_of("parallel_adapter", "non_linearity", self.non_linearity, ACTIVATIONS)
 
 
@@ -89,6 +91,7 @@ class ParallelAdapterModel(DeltaBase):
             out_dim = partner_sizes[self.pair_paths[path]].output_dim if self.pair_paths else sizes[path].output_dim
             result[path] = AdapterLayer.linear(sizes[path].input_dim, self.config.bottleneck_dim, out_dim,
                                                self.config.non_linearity, device, dtype).along_features_of(module)
+            result[path].scale = float(self.config.scaled)
         return result
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from engine.config import DeltaConfig, positive_int
+from engine.config import DeltaConfig, positive_int, positive_number
 from engine.delta import DeltaBase
 from engine.errors import ModuleNotSupportedError
 from engine.layers import DeltaModule
@@ -34,9 +34,12 @@ class SoftPromptConfig(DeltaConfig):
     soft_token_num: int = field(default=100, metadata={"help": "number of soft tokens"})
     token_init: bool = field(default=True, metadata={
         "help": "start from the embeddings of the first vocabulary tokens (else random)"})
+    init_range: float = field(default=0.5, metadata={
+        "help": "random start: uniform in ±init_range (OpenDelta's)"})
 
     def validate(self) -> None:
         positive_int("soft_prompt", "soft_token_num", self.soft_token_num)
+        positive_number("soft_prompt", "init_range", self.init_range)
 
 
 class SoftPrompt(DeltaModule):
@@ -47,7 +50,8 @@ class SoftPrompt(DeltaModule):
         if config.token_init and not embedding.weight.is_meta and count <= embedding.num_embeddings:
             initial = embedding.weight[:count].detach().clone()
         else:
-            initial = 0.02 * torch.randn(count, width, device=device, dtype=dtype)
+            initial = torch.empty(count, width, device=device, dtype=dtype).uniform_(
+                -config.init_range, config.init_range)
         self.soft_embeds = nn.Parameter(initial.to(device=device, dtype=dtype))
 
     def mixed_batch_refusal(self) -> str | None:

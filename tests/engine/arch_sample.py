@@ -15,9 +15,8 @@ from typing import Any
 from torch import nn
 
 from engine import AutoDeltaModel, load_backbone
+from engine.roles import COMMON_NAMES, infer_roles
 from engine.roles.kinds import is_channels_first, is_fused_experts, is_projection
-from engine.roles import infer_roles
-from engine.roles import COMMON_NAMES
 from engine.tree import all_modules
 
 RECORD = Path(__file__).with_name("arch_sample.json")

@@ -8,8 +8,8 @@ import transformers
 
 from engine import AutoDeltaModel, ModuleTree
 from engine import AutoDeltaModel as _Auto
-from engine.roles.kinds import is_channels_first
 from engine.roles import COMMON_NAME_MAP
+from engine.roles.kinds import is_channels_first
 from engine.tree import all_modules
 from tests.engine.test_delta_matrix import perturb
 from tests.engine.tiny import main_tensor

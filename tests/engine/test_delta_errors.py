@@ -22,7 +22,6 @@ from engine import (
 from tests.engine.test_delta_matrix import output, perturb
 from tests.engine.tiny import tiny_inputs, tiny_model
 
-
 # --- bad input ----------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from engine import (
     DeltaStateError,
     LoraModel,
     ModelStructure,
+    ParallelAdapterModel,
     PrefixModel,
     SoftPromptModel,
     Visualization,
@@ -350,3 +351,28 @@ def test_a_wrapper_without_a_usable_forward_is_sized_through_its_backbone():
     delta = PrefixModel(holder, prefix_token_num=2)
     assert delta.modified_paths == [f"encoder.encoder.layer.{i}.attention.self" for i in range(2)]
     assert PrefixModel(reference, prefix_token_num=2).num_trainable_parameters() == delta.num_trainable_parameters()
+
+
+def test_the_remaining_opendelta_method_options_act():
+    model, inputs = tiny_model("bert"), tiny_inputs("bert")
+    untouched = main_tensor(model(**inputs)).clone()
+    layers = {}
+    for scaled in (1.0, 2.5, 0.0):
+        delta = ParallelAdapterModel(model, ["intermediate.dense"], scaled=scaled, name=f"s{int(scaled * 10)}")
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for tensor in delta.parameters():
+                tensor.normal_()
+        layers[scaled] = next(iter(delta.delta_modules.values()))
+        changed = main_tensor(model(**inputs))
+        assert torch.equal(changed, untouched) == (scaled == 0.0)  # scaled=0: the adapter adds nothing
+        delta.detach()
+    hidden = torch.randn(2, 6, 32)
+    assert torch.allclose(layers[2.5](hidden), 2.5 * layers[1.0](hidden))
+    prompt = SoftPromptModel(tiny_model("bert"), soft_token_num=50, token_init=False, init_range=0.01)
+    embeds = next(iter(prompt.delta_modules.values())).soft_embeds
+    assert embeds.abs().max() <= 0.01 and embeds.std() > 0.001
+    for w_init in ("glorot-uniform", "glorot-normal"):
+        AutoDeltaConfig.from_dict({"delta_type": "low_rank_adapter", "low_rank_w_init": w_init}, strict=True)
+    with pytest.raises(ConfigError, match="low_rank_w_init must be one of"):
+        AutoDeltaConfig.from_dict({"delta_type": "low_rank_adapter", "low_rank_w_init": "zeros"})

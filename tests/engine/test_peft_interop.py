@@ -4,7 +4,14 @@ import json
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
 
 from engine import CheckpointError, ConfigError, export_peft, import_peft, method_for
 from tests.engine.test_delta_matrix import output, perturb
@@ -94,14 +101,22 @@ def test_what_peft_cannot_express_is_refused_by_name(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"bias": "all"}, "bias='all'"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"peft_type": "LOHA"}, "'LOHA' have no equivalent"),
-    ({"target_modules": ["nothing_like_this"]}, "match no supported layer"),
+    ({"target_modules": ["nothing_like_this"]}, "match no layer"),
+    ({"target_modules": ["input_layernorm"]}, "LlamaRMSNorm, which PEFT cannot wrap"),
+    ({"kasa_config": {"rank": 2}}, "kasa_config="),
+    ({"use_bdlora": True}, "use_bdlora=True"),
+    ({"layer_replication": [[0, 1]]}, "layer_replication="),
+    ({"init_lora_weights": "pissa"}, "PiSSA"),
+    ({"lora_bias": True}, "lora_bias=True"),
+    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters="),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices="),
 ])
 def test_peft_features_this_library_cannot_express_are_refused_by_name(change, message, tmp_path):
     _peft_trained("llama", LoraConfig(r=4, target_modules=["q_proj"]), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"not read")  # refused before any tensor is read
     model = tiny_model("llama")
     with pytest.raises(ConfigError, match=message):
         import_peft(tmp_path, model)

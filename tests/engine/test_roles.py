@@ -3,9 +3,15 @@ working defaults on architectures the table has never heard of."""
 
 import pytest
 
-from engine import AutoDeltaModel, ConfigError, ModuleTree, build_on_meta, load_backbone, resolve
-from engine.roles import infer_roles
-from engine.roles import COMMON_NAME_MAP, expand_common_names
+from engine import (
+    AutoDeltaModel,
+    ConfigError,
+    ModuleTree,
+    build_on_meta,
+    load_backbone,
+    resolve,
+)
+from engine.roles import COMMON_NAME_MAP, expand_common_names, infer_roles
 
 _BERT_LIKE = {
     "attn": [r"[r]\d+\.attention"],  # the block; prefix descends to the module that attends

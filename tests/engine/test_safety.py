@@ -13,12 +13,13 @@ from torch import nn
 
 from engine import (
     AdapterModel,
+    AutoDeltaConfig,
     AutoDeltaModel,
     BitFitModel,
     CompacterModel,
     ConfigError,
-    Design,
     DeltaStateError,
+    Design,
     LoraModel,
     ModuleNotSupportedError,
     ParallelAdapterModel,
@@ -26,7 +27,6 @@ from engine import (
     export_peft,
     import_peft,
     load_backbone,
-    AutoDeltaConfig,
 )
 from tests.engine.test_delta_matrix import output, perturb
 from tests.engine.tiny import tiny_inputs, tiny_model

@@ -10,7 +10,6 @@ import torch
 import transformers
 
 import engine
-from engine.locking import model_lock
 from engine import (
     AdapterModel,
     AutoDeltaConfig,
@@ -20,6 +19,7 @@ from engine import (
     load_backbone,
     method_for,
 )
+from engine.locking import model_lock
 from tests.engine.test_delta_matrix import output, perturb
 from tests.engine.tiny import tiny_inputs, tiny_model
 

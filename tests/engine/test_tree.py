@@ -4,7 +4,13 @@ import pytest
 from rich.console import Console
 from torch import nn
 
-from engine import ModuleTree, Visualization, format_indices, load_backbone, parse_indices
+from engine import (
+    ModuleTree,
+    Visualization,
+    format_indices,
+    load_backbone,
+    parse_indices,
+)
 from tests.engine.toy_models import Toy
 
 
