@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PIP) install --quiet $(TORCH_PIN) -e ".[test]"
+	$(PIP) install --quiet $(TORCH_PIN) -e ".[test,quant]"
 	touch $@
 
 node_modules/.package-lock.json: package.json package-lock.json

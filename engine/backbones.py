@@ -26,6 +26,12 @@ from engine.errors import (
     PickleRefusedError,
     UnknownBackboneError,
 )
+from engine.quantization import (
+    bnb_config,
+    keep_differentiable,
+    logical_shape,
+    quantised_bytes,
+)
 
 #: ``progress(done, total)`` is called after each tensor of real weights is loaded.
 ProgressCallback = Callable[[int, int], None]
@@ -42,6 +48,8 @@ class Backbone:
     model: nn.Module
     source: str
     config: Any | None = None
+    #: the weight format it was loaded in (None: as saved), or on meta shapes the one it is planned in
+    quantization: str | None = None
 
     @property
     def is_meta(self) -> bool:
@@ -52,9 +60,17 @@ class Backbone:
     def class_name(self) -> str:
         return type(self.model).__name__
 
+    def weight_bytes(self, other_bytes: float | None = None) -> int:
+        """Bytes of the weights as loaded — quantised layers as bitsandbytes stores them — exact
+        on meta shapes too; ``other_bytes`` per non-quantised parameter (default: their dtype's)."""
+        if other_bytes is None:
+            first = next(self.model.parameters(), None)
+            other_bytes = first.element_size() if first is not None and first.is_floating_point() else 4
+        return quantised_bytes(self.model, self.quantization, other_bytes)
+
     def num_parameters(self) -> int:
         """Parameters of the model, each shared (tied) parameter counted once."""
-        return sum(p.numel() for p in _unique_parameters(self.model))
+        return sum(logical_shape(p).numel() for p in _unique_parameters(self.model))
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -68,12 +84,24 @@ def load_backbone(
     allow_pickle: bool = False,
     allow_python: bool = True,
     progress: ProgressCallback | None = None,
+    quantization: str | None = None,
 ) -> Backbone:
     """Load ``source`` (see DESIGN.md, "Backbones") and return a :class:`Backbone`.
 
     ``weights=False`` builds even a local directory on the meta device. ``allow_python=False``
     refuses ``python:`` factories (the web app passes it: a page must never run code).
+    ``quantization`` (``"nf4"``, ``"fp4"``, ``"int8"``; needs ``.[quant]``) loads a local
+    checkpoint's Linear layers with bitsandbytes, as transformers' ``BitsAndBytesConfig`` does
+    (QLoRA); on meta shapes it is recorded, and :meth:`Backbone.weight_bytes` counts as if loaded so.
     """
+    if quantization is not None:
+        planned = load_backbone(source, weights=False, allow_pickle=allow_pickle, allow_python=allow_python)
+        quantised_bytes(planned.model, quantization, 2)  # refuses an unknown format by name
+        planned.quantization = quantization
+        directory = _minilm_directory() if source == DEFAULT_SOURCE else Path(source).expanduser()
+        if not weights or not directory.is_dir() or not planned.is_meta:
+            return planned
+        return _load_quantised(planned, directory, quantization)
     if not isinstance(source, str) or not source.strip():
         raise UnknownBackboneError(
             f"expected a backbone source string, got {source!r}; "
@@ -225,6 +253,18 @@ def _load_directory(
 
     load_safetensors_into(model, weight_files, progress=progress)
     return Backbone(model, source, config)
+
+
+def _load_quantised(planned: Backbone, directory: Path, quantization: str) -> Backbone:
+    """Load a local checkpoint with its Linear layers quantised by bitsandbytes, on the CPU; the
+    output head stays unquantised, as transformers leaves it."""
+    if not sorted(directory.glob("*.safetensors")):
+        raise BackboneNotFoundError(f"{str(directory)!r} has no *.safetensors weights to quantise")
+    model = type(planned.model).from_pretrained(
+        directory, quantization_config=bnb_config(quantization, torch.float32), device_map="cpu",
+        use_safetensors=True, trust_remote_code=False)
+    keep_differentiable(model)
+    return Backbone(model.eval(), planned.source, planned.config, quantization)
 
 
 def _config_and_class(config_file: Path) -> tuple[Any, type[nn.Module] | None]:

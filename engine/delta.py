@@ -27,6 +27,7 @@ from engine.locking import model_lock
 from engine.mixed_batches import RowSelector
 from engine.planning import Planning
 from engine.probe import module_device_dtype
+from engine.quantization import keep_differentiable
 from engine.roles import IOSizes, ModelStructure, declared_sizes, expand_common_names
 from engine.roles.kinds import mixture_sizes
 from engine.routing import RouteHandle, attach_route
@@ -208,6 +209,7 @@ class DeltaBase(Planning, nn.Module):
                     f"{taken[0]!r} already has a submodule named {self.name!r} (another delta?); "
                     "give this delta another name, e.g. name='lora_task_b'"
                 )
+            keep_differentiable(self.backbone_model)  # 4-bit layers: gradients must reach earlier deltas
             mode = self.backbone_model.training
             if any(layer.training != mode for layer in self.delta_modules.values()):
                 self.train(mode)

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.quantization import logical_shape
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,9 +32,9 @@ def inspect_module_statistics(module: nn.Module, verbose: bool = True) -> dict[s
     if not isinstance(module, nn.Module):
         raise TypeError(f"inspect_module_statistics needs a torch.nn.Module, got {type(module).__name__}")
     every = _distinct(module.parameters())
-    total = sum(p.numel() for p in every)
-    trainable = sum(p.numel() for p in every if p.requires_grad)
-    deltas = sum(p.numel() for p in delta_parameters(module))
+    total = sum(logical_shape(p).numel() for p in every)
+    trainable = sum(logical_shape(p).numel() for p in every if p.requires_grad)
+    deltas = sum(logical_shape(p).numel() for p in delta_parameters(module))
     cuda = torch.cuda.is_available()
     devices = range(torch.cuda.device_count()) if cuda else range(0)
     stat = {
@@ -56,8 +58,8 @@ def inspect_optimizer_statistics(optimizer: torch.optim.Optimizer, verbose: bool
     stats: dict[str, dict[str, Any]] = {}
     for index, group in enumerate(optimizer.param_groups):
         params = _distinct(group["params"])
-        total = sum(p.numel() for p in params)
-        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(logical_shape(p).numel() for p in params)
+        trainable = sum(logical_shape(p).numel() for p in params if p.requires_grad)
         stat: dict[str, Any] = {"total_parameters": total, "trainable_parameters": trainable,
                                 "trainable_ratio": f"{100 * trainable / total if total else 0.0:.6f}%"}
         stat.update({k: v for k, v in group.items() if k != "params"})

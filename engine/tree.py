@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from engine.quantization import logical_shape
+
 GROUP_WILDCARD = "*"
 
 
@@ -143,9 +145,9 @@ class ModuleTree:
                 params.append(
                     ParameterInfo(
                         name=pname,
-                        shape=tuple(param.shape),
+                        shape=tuple(logical_shape(param)),
                         dtype=str(param.dtype).removeprefix("torch."),
-                        numel=param.numel(),
+                        numel=logical_shape(param).numel(),
                         trainable=param.requires_grad,
                         is_delta=is_delta,
                         tied_to=tied,

@@ -25,9 +25,10 @@ from engine.methods.lora_layers import (
     LoraLayer,
     shared_with,
 )
+from engine.quantization import refuse_merge, weight_format
 from engine.registry import register
 from engine.roles import ModelStructure, expand_common_names
-from engine.roles.kinds import is_fused_experts
+from engine.roles.kinds import declares_linear, is_fused_experts
 from engine.routing import RouteHandle, attach_route, on_rows
 from engine.tree import all_modules
 
@@ -77,7 +78,7 @@ class LoraModel(DeltaBase):
 
     @classmethod
     def check_module(cls, path: str, module: nn.Module) -> None:
-        if is_fused_experts(module):  # fused experts: their 3-D parameters take per-expert factors
+        if is_fused_experts(module) or declares_linear(module):  # per-expert factors; I-BERT's QuantLinear
             return
         super().check_module(path, module)
         if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
@@ -124,6 +125,12 @@ class LoraModel(DeltaBase):
                 raise ModuleNotSupportedError(
                     f"use_dora supports Linear and Conv1D layers here; {other[0]!r} is a "
                     f"{type(modules[other[0]]).__name__} — leave it out or turn use_dora off")
+            quantised = [p for p, m in modules.items() if weight_format(m) is not None]
+            if quantised:
+                raise ModuleNotSupportedError(
+                    f"use_dora cannot wrap {quantised[0]!r}: its weight is {weight_format(modules[quantised[0]])}"
+                    "-quantised and DoRA reads the full weight on every step; use plain LoRA on a quantised "
+                    "backbone (QLoRA), or load it unquantised for DoRA")
         experts = [p for p, m in modules.items() if is_fused_experts(m)]
         if experts and config.lora_dropout:
             raise ModuleNotSupportedError(
@@ -175,6 +182,13 @@ class LoraModel(DeltaBase):
                 raise DeltaStateError("this LoRA delta is already merged; unmerge() it first")
             modules = self._modules_by_path()
             every = all_modules(self.backbone_model)
+            for path, module in modules.items():
+                refuse_merge(module, path, "a LoRA update")
+                if declares_linear(module):
+                    raise DeltaStateError(
+                        f"cannot merge into {path!r}, a {type(module).__name__}: its forward is its own "
+                        "(it may quantise the weight on the fly), so a merged weight need not compute the "
+                        "same; keep the delta unmerged")
             for (path, module), layer in zip(modules.items(), self._layers()):
                 for name in layer.merged_parameters(module):
                     others = shared_with(every, module, name)

@@ -105,7 +105,18 @@ def declared_sizes(module: nn.Module) -> IOSizes | None:
     weight = getattr(module, "weight", None)
     if "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1:
         return IOSizes(weight.shape[0], weight.shape[0])
+    if declares_linear(module):
+        return IOSizes(module.in_features, module.out_features)
     return None
+
+
+def declares_linear(module: nn.Module) -> bool:
+    """A linear layer of another library that is no ``nn.Linear`` but states its sizes and holds
+    an (out, in) weight (I-BERT's ``QuantLinear``): LoRA and adapters can run beside it."""
+    in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    return (not isinstance(module, nn.Linear) and isinstance(in_features, int) and isinstance(out_features, int)
+            and isinstance(weight, torch.Tensor) and tuple(weight.shape) == (out_features, in_features))
 
 
 def mixture_sizes(module: nn.Module) -> IOSizes | None:
