@@ -1,8 +1,8 @@
 """Deltas to and from PEFT's adapter layout: ``adapter_config.json`` + ``adapter_model.safetensors``
 with keys ``base_model.model.<module path>.<tensor>``.
 
-LoRA (with rsLoRA, DoRA and per-module ranks/alphas), IA3 and soft prompts (prompt tuning)
-move both ways, with ``modules_to_save`` (whole modules trained beside the adapter: a delta's
+LoRA (with rsLoRA, DoRA and per-module ranks/alphas), IA3, prefix tuning and soft prompts
+(prompt tuning) move both ways, with ``modules_to_save`` (whole modules trained beside the adapter: a delta's
 unfrozen modules here). An export names its modules compactly (suffixes, narrowed by
 ``layers_to_transform`` where that is exact) and is matched back to check it; an import applies
 PEFT's own matching rules (``engine.interop.peft_matching``). What PEFT cannot express — or what
@@ -37,6 +37,12 @@ from engine.interop.peft_matching import (
     target_paths,
 )
 from engine.interop.peft_options import refuse_unsupported
+from engine.interop.peft_prefix import (
+    prefix_adapter_config,
+    prefix_config_from_peft,
+    prefix_state_from_peft,
+    prefix_tensors,
+)
 from engine.persistence import set_trainable, unfrozen_tensors
 from engine.roles import ModelStructure
 from engine.roles.kinds import is_fused_experts
@@ -69,6 +75,8 @@ def peft_adapter_config(
         return {"peft_type": "IA3", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
                 **_ia3_targets(delta), "fan_in_fan_out": _fan_in_fan_out(delta),
                 "modules_to_save": saved, "init_ia3_weights": True, "inference_mode": False}
+    if kind == "prefix":
+        return prefix_adapter_config(delta, base_model_name_or_path, saved)
     if kind == "soft_prompt":
         config = getattr(delta.backbone_model, "config", None)
         if getattr(config, "is_encoder_decoder", False):
@@ -82,7 +90,7 @@ def peft_adapter_config(
                 "num_virtual_tokens": soft.shape[0], "token_dim": soft.shape[1],
                 "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM", "inference_mode": False}
     raise ConfigError(
-        f"PEFT export supports lora, ia3 and soft_prompt deltas; {kind} has no PEFT equivalent "
+        f"PEFT export supports lora, ia3, prefix and soft_prompt deltas; {kind} has no PEFT equivalent "
         "with the same behaviour (save it with save_finetuned instead)"
     )
 
@@ -182,6 +190,8 @@ def _peft_tensors(delta: DeltaBase, saved: list[str] | None = None) -> dict[str,
     tensors: dict[str, torch.Tensor] = {}
     if delta.delta_type == "soft_prompt":
         tensors["prompt_embeddings"] = next(iter(delta.delta_modules.values())).soft_embeds.detach()
+    elif delta.delta_type == "prefix":
+        tensors.update(prefix_tensors(delta))
     else:
         for key, tensor in delta.delta_state().items():
             if delta.delta_type == "ia3":
@@ -255,6 +265,8 @@ def _delta_config(kind: str, config: dict[str, Any], model: nn.Module, tree: Mod
             if config.get("feedforward_modules") else []
         return {"delta_type": "ia3", "modified_modules": compile_selection(tree, paths),
                 "feedforward_modules": compile_selection(tree, feedforward) if feedforward else []}
+    if kind == "PREFIX_TUNING":
+        return prefix_config_from_peft(config)
     return {"delta_type": "soft_prompt", "soft_token_num": int(config["num_virtual_tokens"]), "token_init": False}
 
 
@@ -293,6 +305,8 @@ def import_peft(directory: str | Path, backbone_model: nn.Module, *, is_trainabl
         tensors[f"{delta.modified_paths[0]}.soft_embeds"] = tensors.pop("prompt_embeddings")
     if kind == "IA3":
         tensors = {k: v if k.startswith(BACKBONE_PREFIX) else v.reshape(-1) for k, v in tensors.items()}
+    if kind == "PREFIX_TUNING":
+        tensors.update(prefix_state_from_peft(delta, config, tensors))
     expected_backbone = {k.removeprefix(BACKBONE_PREFIX) for k in unfrozen_tensors(delta, trainable_only=False)}
     missing = sorted(expected_backbone - {k.removeprefix(BACKBONE_PREFIX) for k in tensors})
     if missing:

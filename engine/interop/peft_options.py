@@ -31,6 +31,10 @@ _READ: Mapping[str, frozenset[str]] = MappingProxyType({
                       "modules_to_save", "layers_to_transform", "layers_pattern"}),
     "PROMPT_TUNING": frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                 "prompt_tuning_init", "modules_to_save"}),
+    # the saved prompt_embeddings are the MLP's output when prefix_projection was on
+    "PREFIX_TUNING": frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_layers",
+                                "num_attention_heads", "encoder_hidden_size", "prefix_projection",
+                                "modules_to_save"}),
 })
 #: read options whose values this library supports only in part, with why
 _VALUES: Mapping[str, tuple[tuple[Any, ...], str]] = MappingProxyType({

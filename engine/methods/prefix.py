@@ -16,6 +16,7 @@ by the plain prefixes it computes.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import threading
@@ -54,11 +55,15 @@ class PrefixConfig(DeltaConfig):
         "help": "produce all layers' prefixes with one shared MLP"})
     embed_dim: int = field(default=512, metadata={"help": "width of the MLP's prefix embeddings"})
     mid_dim: int = field(default=512, metadata={"help": "hidden width of that MLP"})
+    shift_positions: bool = field(default=False, metadata={
+        "help": "as PEFT's prefix tuning: the real tokens' positions start after the prefix"})
 
     def validate(self) -> None:
         positive_int("prefix", "prefix_token_num", self.prefix_token_num)
         positive_int("prefix", "embed_dim", self.embed_dim)
         positive_int("prefix", "mid_dim", self.mid_dim)
+        if not isinstance(self.shift_positions, bool):
+            raise DeltaError(f"prefix: shift_positions must be true or false, got {self.shift_positions!r}")
         if not isinstance(self.reparameterize, bool):
             raise DeltaError(f"prefix: reparameterize must be true or false, got {self.reparameterize!r}")
 
@@ -106,6 +111,15 @@ class PrefixLayer(DeltaModule):
         else:
             self.prefix_key = nn.Parameter(0.02 * torch.randn(shape.heads, tokens, shape.head_dim, device=device, dtype=dtype))
             self.prefix_value = nn.Parameter(0.02 * torch.randn(shape.heads, tokens, shape.head_dim, device=device, dtype=dtype))
+
+    #: set by PrefixModel: the backbone's positions are shifted by the prefix (PEFT's convention)
+    shifts_positions = False
+
+    def mixed_batch_refusal(self) -> str | None:
+        if self.shifts_positions:
+            return ("a prefix with shift_positions moves every row's positions, so rows with and "
+                    "without it cannot share a batch")
+        return None
 
     def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         shared = self.__dict__.get("_shared")
@@ -243,6 +257,22 @@ def _unbind_if_unused(module: nn.Module) -> None:
         module.config = object.__getattribute__(view, "_base")
 
 
+def _shifted_positions(count: int, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    """PEFT's prefix tuning passes the prefix as a cache, so the real tokens' positions start after
+    it: give the model those positions (unless the caller gave its own, as PEFT leaves them)."""
+    if kwargs.get("position_ids") is not None:
+        return args, kwargs
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    hidden = ids if ids is not None else kwargs.get("inputs_embeds")
+    if hidden is None:
+        return args, kwargs
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+    start = past + count
+    positions = torch.arange(start, start + hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+    return args, {**kwargs, "position_ids": positions}
+
+
 class _PrefixHandle:
     def __init__(self, module: nn.Module, layer: PrefixLayer) -> None:
         self.module, self.layer = module, layer
@@ -283,6 +313,7 @@ class PrefixModel(DeltaBase):
             device, dtype = self.placement(module)
             link = (shared, self.planned_paths.index(path)) if shared is not None else None
             layer = PrefixLayer(shapes[path], config.prefix_token_num, device, dtype, link)
+            layer.shifts_positions = config.shift_positions
             if shared is not None and not result:
                 layer.reparameterization = shared  # registered once, in the first prefixed layer
             result[path] = layer
@@ -314,7 +345,12 @@ class PrefixModel(DeltaBase):
 
     def wire(self, path: str, module: nn.Module, delta: DeltaModule) -> RouteHandle:
         object.__getattribute__(_bind(module), "_prefixes").append(delta)  # its _row_selector is set
-        return RouteHandle([_PrefixHandle(module, delta)])  # type: ignore[list-item]
+        handles: list[Any] = [_PrefixHandle(module, delta)]
+        if self.config.shift_positions and path == self.modified_paths[0]:  # type: ignore[attr-defined]
+            count = self.config.prefix_token_num  # type: ignore[attr-defined]
+            handles.append(self.backbone_model.register_forward_pre_hook(
+                functools.partial(_shifted_positions, count), with_kwargs=True))
+        return RouteHandle(handles)
 
     def fold(self) -> PrefixModel:
         """Replace the shared MLP by the plain prefixes it computes now (same outputs, fewer

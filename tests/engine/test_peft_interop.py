@@ -92,7 +92,7 @@ def test_all_linear_with_a_rank_pattern_becomes_readable_expressions(tmp_path):
 
 
 def test_what_peft_cannot_express_is_refused_by_name(tmp_path):
-    for name in ["adapter", "bitfit", "prefix", "compacter"]:
+    for name in ["adapter", "bitfit", "compacter"]:
         with pytest.raises(ConfigError, match=f"{name} has no PEFT equivalent"):
             export_peft(method_for(name)(tiny_model("llama")), tmp_path / name)
     with pytest.raises(ConfigError, match="encoder-decoder"):
