@@ -31,6 +31,12 @@ from engine.checkpoint import (
 )
 from engine.delta import DeltaBase
 from engine.errors import CheckpointError, ConfigError
+from engine.interop.peft_experts import (
+    experts_from_peft,
+    experts_paths_from_peft,
+    experts_to_peft,
+    target_parameters,
+)
 from engine.interop.peft_matching import (
     compact_targets,
     modules_to_save_paths,
@@ -164,22 +170,30 @@ def _fan_in_fan_out(delta: DeltaBase) -> bool:
     return kinds == {"Conv1D"}
 
 
-def _lora_config(delta: DeltaBase, base: str | None, saved: list[str] | None) -> dict[str, Any]:
+def _experts(delta: DeltaBase) -> list[str]:
     modules = all_modules(delta.backbone_model)
-    experts = [p for p in delta.modified_paths if is_fused_experts(modules[p])]
-    if experts:
-        raise ConfigError(
-            f"LoRA factors on fused expert parameters are not exported to PEFT ({experts[0]!r}): PEFT's "
-            "target_parameters keeps other tensor names and layouts; save it with save_finetuned")
+    return [p for p in delta.modified_paths if is_fused_experts(modules[p])]
+
+
+def _lora_config(delta: DeltaBase, base: str | None, saved: list[str] | None) -> dict[str, Any]:
+    model = delta.backbone_model
+    experts = _experts(delta)
+    linear = [p for p in delta.modified_paths if p not in experts]
     config: Any = delta.config
-    settings = delta.variants(ModelStructure(delta.backbone_model), config, delta.modified_paths)
-    rank_pattern = {re.escape(p): r for p, (r, _) in settings.items() if r != config.lora_r}
-    alpha_pattern = {re.escape(p): a for p, (_, a) in settings.items() if a != config.lora_alpha}
+    settings = delta.variants(ModelStructure(model), config, delta.modified_paths)
+    odd = [p for p in experts if settings[p] != (config.lora_r, config.lora_alpha)]
+    if odd:
+        raise ConfigError(f"per-module ranks or alphas on fused experts ({odd[0]!r}) are not exported: PEFT's "
+                          "target_parameters take the adapter's r and lora_alpha")
+    rank_pattern = {re.escape(p): settings[p][0] for p in linear if settings[p][0] != config.lora_r}
+    alpha_pattern = {re.escape(p): settings[p][1] for p in linear if settings[p][1] != config.lora_alpha}
+    targets = compact_targets(model, linear, "LORA") if linear else {"target_modules": []}
+    if experts:
+        targets["target_parameters"] = target_parameters(all_modules(model), experts)
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base,
         "r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-        **compact_targets(delta.backbone_model, delta.modified_paths, "LORA"),
-        "fan_in_fan_out": _fan_in_fan_out(delta),
+        **targets, "fan_in_fan_out": _fan_in_fan_out(delta) if linear else False,
         "bias": "none", "modules_to_save": saved, "init_lora_weights": True,
         "use_rslora": config.use_rslora, "use_dora": config.use_dora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "inference_mode": False,
@@ -193,7 +207,13 @@ def _peft_tensors(delta: DeltaBase, saved: list[str] | None = None) -> dict[str,
     elif delta.delta_type == "prefix":
         tensors.update(prefix_tensors(delta))
     else:
-        for key, tensor in delta.delta_state().items():
+        state = delta.delta_state()
+        experts = _experts(delta) if delta.delta_type == "lora" else []
+        if experts:
+            stacked = experts_to_peft(all_modules(delta.backbone_model), experts, state)
+            tensors.update({PREFIX + k: v.detach() for k, v in stacked.items()})
+            state = {k: v for k, v in state.items() if k.rsplit(".", 2)[0] not in experts}
+        for key, tensor in state.items():
             if delta.delta_type == "ia3":
                 path = key.rsplit(".", 1)[0]
                 on_input = delta.delta_modules[path.replace(".", "/")].on_input
@@ -252,7 +272,12 @@ def _read_config(directory: Path) -> dict[str, Any]:
 def _delta_config(kind: str, config: dict[str, Any], model: nn.Module, tree: ModuleTree) -> dict[str, Any]:
     """This library's delta config for a PEFT adapter config (no tensor read yet)."""
     if kind == "LORA":
-        paths = target_paths(model, config, "LORA")
+        paths = [] if config.get("target_parameters") and not config.get("target_modules") else \
+            target_paths(model, config, "LORA")
+        if config.get("target_parameters"):
+            order = tree.order()
+            paths = sorted(paths + experts_paths_from_peft(all_modules(model), config["target_parameters"]),
+                           key=order.__getitem__)
         return {"delta_type": "lora", "modified_modules": compile_selection(tree, paths),
                 "lora_r": config["r"], "lora_alpha": config["lora_alpha"],
                 "lora_dropout": config.get("lora_dropout", 0.0),
@@ -294,7 +319,12 @@ def import_peft(directory: str | Path, backbone_model: nn.Module, *, is_trainabl
     if saved_paths:
         delta_config["unfrozen_modules"] = ["deltas", *compile_selection(tree, saved_paths)]
     raw = read_safetensors(directory / WEIGHTS_FILE)  # only now: the config is one we can reproduce
-    tensors = {k.removeprefix(PREFIX): v for k, v in raw.items() if ".base_layer." not in k}
+    tensors = {k.removeprefix(PREFIX): v for k, v in raw.items()}
+    expert_paths = experts_paths_from_peft(all_modules(backbone_model), config["target_parameters"]) \
+        if kind == "LORA" and config.get("target_parameters") else []
+    expert_state = experts_from_peft(all_modules(backbone_model), expert_paths, tensors)
+    tensors = {k: v for k, v in tensors.items() if ".base_layer." not in k}  # PEFT's copies of wrapped weights
+    tensors.update(expert_state)
     backbone_keys = [k for k in tensors if any(k.startswith(p + ".") for p in saved_paths)]
     tensors.update({BACKBONE_PREFIX + k: tensors.pop(k) for k in backbone_keys})
     delta = AutoDeltaModel.from_config(delta_config, backbone_model, attach=False)

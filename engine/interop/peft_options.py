@@ -26,7 +26,8 @@ _DESCRIPTIVE = frozenset({
 _READ: Mapping[str, frozenset[str]] = MappingProxyType({
     "LORA": frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out",
                        "bias", "use_rslora", "use_dora", "modules_to_save", "init_lora_weights",
-                       "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern"}),
+                       "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+                       "target_parameters"}),
     "IA3": frozenset({"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
                       "modules_to_save", "layers_to_transform", "layers_pattern"}),
     "PROMPT_TUNING": frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules",

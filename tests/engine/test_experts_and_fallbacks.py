@@ -93,10 +93,51 @@ def test_expert_weights_are_restored_when_the_forward_raises():
 def test_expert_lora_refuses_what_it_cannot_honour(tmp_path):
     with pytest.raises(ModuleNotSupportedError, match="lora_dropout drops a layer's input.*fused experts"):
         LoraModel(tiny_mixtral(), ["moe.experts"], lora_dropout=0.1)
-    delta = LoraModel(tiny_mixtral(), ["moe.experts"])
-    with pytest.raises(ConfigError, match="fused expert parameters are not exported to PEFT"):
+    delta = LoraModel(tiny_mixtral(), ["moe.experts"], rank_pattern={"[r]layers\\.0\\.mlp\\.experts": 4})
+    with pytest.raises(ConfigError, match="per-module ranks or alphas on fused experts"):
         export_peft(delta, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_expert_lora_moves_to_peft_target_parameters_and_back(tmp_path):
+    """PEFT ≥ 0.17 loads LoRA on fused experts as target_parameters: same outputs both ways."""
+    import json
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from engine import import_peft
+
+    inputs = {"input_ids": torch.tensor([[3, 14, 15, 92, 65, 35], [8, 9, 79, 32, 38, 46]])}
+    model = tiny_mixtral(dtype=torch.float64)
+    delta = LoraModel(model, ["attn.q", "moe.experts"], lora_r=2, lora_alpha=3)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for parameter in delta.parameters():
+            parameter.normal_()
+        ours = model(**inputs).last_hidden_state
+    export_peft(delta, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [f"layers.{i}.mlp.experts.{n}" for i in range(2)
+                                           for n in ("gate_up_proj", "down_proj")]
+    assert config["target_modules"] == ["q_proj"]
+    theirs = PeftModel.from_pretrained(tiny_mixtral(dtype=torch.float64), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**inputs).last_hidden_state, ours, rtol=0, atol=1e-10)
+    back = import_peft(tmp_path / "ours", tiny_mixtral(dtype=torch.float64))
+    with torch.no_grad():
+        assert torch.equal(back.backbone_model(**inputs).last_hidden_state, ours)
+    trained = get_peft_model(tiny_mixtral(dtype=torch.float64), LoraConfig(
+        r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            if parameter.requires_grad:
+                parameter.normal_()
+        expected = trained.eval()(**inputs).last_hidden_state
+    trained.save_pretrained(tmp_path / "peft")
+    imported = import_peft(tmp_path / "peft", tiny_mixtral(dtype=torch.float64))
+    with torch.no_grad():
+        torch.testing.assert_close(imported.backbone_model(**inputs).last_hidden_state, expected,
+                                   rtol=0, atol=1e-10)
 
 
 def test_expert_counts_on_a_meta_mixtral_8x7b():
