@@ -18,6 +18,7 @@ from engine.errors import ConfigError, ModuleNotSupportedError
 from engine.locking import model_lock
 from engine.reach import find_bypassed
 from engine.roles import ModelStructure, default_positions, expand_common_names
+from engine.roles.kinds import declares_linear
 from engine.targets import inside_delta
 from engine.tree import ModuleTree
 
@@ -98,7 +99,8 @@ class Planning:
     @classmethod
     def check_module(cls, path: str, module: nn.Module) -> None:
         """Raise :class:`ModuleNotSupportedError` if this method cannot wrap ``module``."""
-        if cls.supported_modules and type(module).__name__ not in cls.supported_modules and not any(
+        declared = "Linear" in cls.supported_modules and declares_linear(module)  # I-BERT's QuantLinear
+        if cls.supported_modules and type(module).__name__ not in cls.supported_modules and not declared and not any(
             isinstance(module, getattr(nn, n, ())) for n in cls.supported_modules
         ):
             raise ModuleNotSupportedError(

@@ -78,7 +78,7 @@ class LoraModel(DeltaBase):
 
     @classmethod
     def check_module(cls, path: str, module: nn.Module) -> None:
-        if is_fused_experts(module) or declares_linear(module):  # per-expert factors; I-BERT's QuantLinear
+        if is_fused_experts(module):  # fused experts: their 3-D parameters take per-expert factors
             return
         super().check_module(path, module)
         if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:

@@ -174,6 +174,8 @@ def test_ibert_quant_linear_is_recognised_by_its_declared_sizes():
     assert delta.num_trainable_parameters() == 4 * (2 * 32 + 32 * 2)
     with pytest.raises(DeltaStateError, match="QuantLinear: its forward is its own"):
         delta.merge()
+    scaled = IA3Model(model, ["key"])  # IA3 too: a declared linear layer
+    assert scaled.num_trainable_parameters() == 2 * 32
 
 
 def _dequantised_copy(quantised, reference):
