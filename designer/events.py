@@ -134,7 +134,7 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
 
     @handler("set_expressions", p.SetExpressions)
     def set_expressions(session: DesignSession, message: p.SetExpressions) -> None:
-        session.set_expressions(message.group_id, list(message.expressions))
+        session.set_expressions(message.group_id, list(message.expressions), roles=message.roles)
 
     @handler("set_layers", p.SetLayers)
     def set_layers(session: DesignSession, message: p.SetLayers) -> None:

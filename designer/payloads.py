@@ -68,6 +68,8 @@ class SetGroup(Message):
 class SetExpressions(Message):
     group_id: Text
     expressions: Annotated[list[Text], Field(max_length=MAX_EXPRESSIONS)]
+    #: the expressions are common names meant as roles (a quick pick), even where a module has that name
+    roles: bool = False
 
 
 class SetLayers(Message):

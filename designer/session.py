@@ -168,15 +168,17 @@ class DesignSession:
             edited.selection = [p for p in loaded.tree.paths if p in chosen]
             self._replace(edited)
 
-    def set_expressions(self, group_id: str, expressions: list[str]) -> None:
-        """Replace a group's selection by what typed expressions resolve to (errors change nothing)."""
+    def set_expressions(self, group_id: str, expressions: list[str], *, roles: bool = False) -> None:
+        """Replace a group's selection by what typed expressions resolve to (errors change nothing).
+        ``roles``: common names select their roles even where a module has that name (quick picks)."""
         with self.lock:
             loaded, _ = self.require()
             edited = copy.deepcopy(self.group(group_id))
             typed = [e for e in expressions if e.strip()]
             if typed:
                 try:
-                    edited.selection = resolve(loaded.twin_tree, expand_common_names(loaded.twin, typed)).paths
+                    edited.selection = resolve(loaded.twin_tree, expand_common_names(
+                        loaded.twin, typed, typed=not roles)).paths
                 except DeltaError as error:
                     raise PayloadError(str(error), "expressions") from error
             else:

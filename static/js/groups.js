@@ -98,7 +98,7 @@ export class GroupsView {
     $("[data-select-group]", panel).addEventListener("click", () => this.send("select_group", { group_id: id }));
     $("[data-remove-group]", panel).addEventListener("click", () => this.send("remove_group", { group_id: id }));
     $("[data-use-defaults]", panel).addEventListener("click", () => this.send("set_expressions",
-      { group_id: id, expressions: this.method(panel.dataset.method).defaults }));
+      { group_id: id, expressions: this.method(panel.dataset.method).defaults, roles: true }));
     methodSelect.addEventListener("change", () => this.send("set_group", { group_id: id, method: methodSelect.value }));
     routeSelect.addEventListener("change", () => this.send("set_group", { group_id: id, route: routeSelect.value }));
     $("[data-group-name]", panel).addEventListener("change", (event) =>

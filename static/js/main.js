@@ -122,7 +122,7 @@ $("[data-add-group]").addEventListener("click", () => send("add_group", { method
 $("[data-quick-picks]").addEventListener("click", (event) => {
   const pick = event.target.closest("[data-quick-pick]");
   if (pick && state.activeId) {
-    send("set_expressions", { group_id: state.activeId, expressions: pick.dataset.quickPick.split(",") });
+    send("set_expressions", { group_id: state.activeId, expressions: pick.dataset.quickPick.split(","), roles: true });
   }
 });
 

@@ -180,3 +180,15 @@ def test_a_hyperparameter_that_would_outgrow_the_backbone_is_refused_naming_both
     assert "would train 1,843,200,000 parameters, more than the whole backbone (109,482,240)" in error["message"]
     client.emit("set_group", {"group_id": group, "hyperparameters": {"lora_r": 4}})
     assert last(client, "design_updated")["totals"]["trainable"] == before // 2
+
+
+def test_quick_picks_select_roles_where_typed_names_select_real_modules(server):
+    _, client = connect(*server)
+    group = last(client, "design_updated")["groups"][0]["id"]
+    client.emit("set_expressions", {"group_id": group, "expressions": ["embeddings"]})  # bert-base's BertEmbeddings
+    error = last(client, "error")
+    assert error["field"] == "expressions" and "BertEmbeddings" in error["message"]
+    client.emit("set_expressions", {"group_id": group, "expressions": ["embeddings"], "roles": True})
+    design = last(client, "design_updated")
+    assert design["groups"][0]["expressions"] == ["word_embeddings"]
+    assert design["groups"][0]["trainable"] == 8 * (30522 + 768)  # LoRA r=8 on the token embedding

@@ -44,7 +44,8 @@ def test_exports_download_and_the_python_script_prints_the_page_counts(designer:
     assert "lora_1 (lora): 73,728 trainable parameters" in run.stdout
     assert f"total trainable: {page.locator('[data-total-trainable]').text_content()}" in run.stdout
     peft = json.loads(download(page, "peft", tmp_path).read_text())
-    assert peft["peft_type"] == "LORA" and peft["r"] == 8 and len(peft["target_modules"]) == 12
+    assert peft["peft_type"] == "LORA" and peft["r"] == 8 and peft["target_modules"] == ["query", "value"]
+    assert peft["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # not "minilm"
     from peft import LoraConfig
 
     assert LoraConfig(**{k: v for k, v in peft.items() if k != "peft_type"}).r == 8
