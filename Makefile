@@ -10,7 +10,7 @@ CHROMIUM ?= /usr/bin/chromium
 # torch is pinned in the same pip command as the rest: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install install-test browser lint bench clean
+.PHONY: run test install install-test browser lint bench clean dist
 
 run: install node_modules/.package-lock.json
 	$(VENV)/bin/delta-designer serve --host $(HOST) --port $(PORT) --backbone $(BACKBONE)
@@ -40,8 +40,18 @@ node_modules/.package-lock.json: package.json package-lock.json
 browser:
 	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation; }
 
+# A wheel holding everything the page needs; the socket.io client is copied from node_modules at
+# build time into static/vendor/ (ignored by git), never committed.
+SOCKETIO_DIST := node_modules/socket.io-client/dist
+dist: node_modules/.package-lock.json | $(VENV)/bin/python
+	rm -rf build dist static/vendor
+	mkdir -p static/vendor/socket.io
+	cp $(SOCKETIO_DIST)/socket.io.esm.min.js $(SOCKETIO_DIST)/socket.io.esm.min.js.map static/vendor/socket.io/
+	$(PIP) wheel --quiet --no-deps --wheel-dir dist .
+	rm -rf static/vendor build
+
 bench: install-test
 	$(PY) benchmarks/tree_and_addressing.py
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache
+	rm -rf $(VENV) node_modules .pytest_cache build dist static/vendor

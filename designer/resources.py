@@ -19,6 +19,14 @@ def resource_dir(name: str) -> Path:
     raise FileNotFoundError(f"the designer's {name}/ directory is missing (looked beside {_PACKAGE})")
 
 
+#: the socket.io client files the page loads; ``make dist`` copies them into the wheel
+SOCKETIO_FILES = ("socket.io.esm.min.js", "socket.io.esm.min.js.map")
+
+
 def socketio_client_dir() -> Path:
-    """``node_modules/socket.io-client/dist`` (installed by ``npm ci``)."""
+    """The socket.io client: copied into the package by ``make dist`` (a wheel), else
+    ``node_modules/socket.io-client/dist`` of the checkout (installed by ``npm ci``)."""
+    packaged = _PACKAGE / "static" / "vendor" / "socket.io"
+    if (packaged / SOCKETIO_FILES[0]).is_file():
+        return packaged
     return _PACKAGE.parent / "node_modules" / "socket.io-client" / "dist"

@@ -44,14 +44,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(backbone: str, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
-    """Run ``delta-designer serve`` and wait until /api/health says its backbone is ready."""
+def start_server(backbone: str, extra: list[str] | None = None, program: list[str] | None = None,
+                 cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """Run ``delta-designer serve`` (this checkout's, or ``program``, e.g. an installed
+    ``delta-designer``) and wait until /api/health says its backbone is ready."""
     port = free_port()
-    command = [sys.executable, "-m", "designer.cli", "serve", "--port", str(port),
+    command = [*(program or [sys.executable, "-m", "designer.cli"]), "serve", "--port", str(port),
                "--backbone", backbone, *(extra or [])]
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS.joinpath(f"server-{port}.log"), "w")  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
