@@ -1,5 +1,5 @@
 """Socket.IO events (snake_case). Client → server: load_backbone, toggle_nodes, set_group,
-add_group, remove_group, select_group, set_expressions, set_layers, set_dtype. Server → client:
+add_group, remove_group, select_group, set_expressions, set_layers, set_dtype, undo, redo. Server → client:
 load_progress, backbone_loaded, design_updated, error.
 
 Every payload is validated; a bad one gets an ``error`` event naming the field, never a
@@ -22,7 +22,12 @@ from designer import payloads as p
 from designer.preview import method_catalogue
 from designer.security import TOKEN_COOKIE
 from designer.session import DesignSession
-from designer.store import SESSION_COOKIE, SessionStore, new_session_id, valid_session_id
+from designer.store import (
+    SESSION_COOKIE,
+    SessionStore,
+    new_session_id,
+    valid_session_id,
+)
 from engine import DeltaError
 
 log = logging.getLogger(__name__)
@@ -143,6 +148,14 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
     @handler("set_dtype", p.SetDtype)
     def set_dtype(session: DesignSession, message: p.SetDtype) -> None:
         session.set_dtype(message.dtype)
+
+    @handler("undo", p.Message)
+    def undo(session: DesignSession, message: p.Message) -> None:
+        session.undo()
+
+    @handler("redo", p.Message)
+    def redo(session: DesignSession, message: p.Message) -> None:
+        session.redo()
 
 
 def _load(socketio: SocketIO, store: SessionStore, session: DesignSession, source: str, sid: str) -> None:

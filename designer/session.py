@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from designer.history import History, Shelf, Undoable
 from designer.payloads import MAX_GROUPS, PayloadError
 from designer.preview import UNFREEZE, Previewer, default_hyperparameters
 from designer.state import LoadedBackbone
@@ -24,9 +25,9 @@ from engine import (
     DeltaError,
     Design,
     TreeNode,
+    expand_common_names,
     format_indices,
     method_for,
-    expand_common_names,
     parse_indices,
     resolve,
 )
@@ -57,7 +58,7 @@ class Group:
                 "layer_ranges": {k: format_indices(v) for k, v in self.layer_ranges.items()}}
 
 
-class DesignSession:
+class DesignSession(Undoable):
     """The design one browser context edits; thread-safe, autosaved through ``save``."""
 
     def __init__(self, session_id: str, save: Callable[[dict[str, Any]], None]) -> None:
@@ -70,6 +71,9 @@ class DesignSession:
         self.lock = threading.RLock()
         self._save = save
         self._counter = 0
+        #: undo/redo of this backbone's design; the designs of the other backbones shown before
+        self.history = History()
+        self.shelf = Shelf()
 
     # --- backbone ----------------------------------------------------------------------------
 
@@ -80,9 +84,21 @@ class DesignSession:
         with self.lock:
             if self.loaded is loaded:
                 return
+            if self.loaded is not None and self.loaded.source != loaded.source:
+                self.shelf.put(self.loaded.source, self._own_state())  # kept: switching back restores it
             self.loaded, self.preview = loaded, previewer
             self.groups, self.active = [], None
+            self.history = History()
+            kept = self.shelf.take(loaded.source)
+            if kept is not None:
+                try:
+                    self.restore(kept)
+                    self._commit()
+                    return
+                except (DeltaError, KeyError, TypeError, ValueError):
+                    self.groups, self.active = [], None  # a kept design this backbone no longer fits
             self.add_group("lora", autosave=autosave)
+            self.history.start(self._snapshot())  # the fresh design is where undo stops
 
     def require(self) -> tuple[LoadedBackbone, Previewer]:
         if self.loaded is None or self.preview is None:
@@ -263,10 +279,15 @@ class DesignSession:
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             _, preview = self.require()
-            return preview.snapshot(self.groups, self.dtype, self.active)
+            return {**preview.snapshot(self.groups, self.dtype, self.active), "history": self.history.counts()}
 
     def state(self) -> dict[str, Any]:
-        """What the autosave file holds (selections as compiled expressions)."""
+        """What the autosave file holds (selections as compiled expressions), with the designs
+        kept for other backbones."""
+        with self.lock:
+            return {**self._own_state(), "shelf": self.shelf.states()}
+
+    def _own_state(self) -> dict[str, Any]:
         with self.lock:
             if self.loaded is None or self.preview is None:
                 return {"backbone": None, "groups": []}
@@ -293,6 +314,9 @@ class DesignSession:
             self.active = state.get("active")
             self.dtype = state.get("dtype", self.dtype)
             self._counter = int(state.get("counter", len(groups)))
+            if "shelf" in state:
+                self.shelf.load(state["shelf"])
+            self.history.start(self._snapshot())
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -344,6 +368,7 @@ class DesignSession:
         self._commit()
 
     def _commit(self) -> None:
+        self.history.record(self._snapshot())
         self._save(self.state())
 
 

@@ -60,6 +60,8 @@ socket.on("design_updated", (design) => {
   peft.setAttribute("aria-disabled", String(!design.exports.peft.available));
   peft.dataset.exportReason = design.exports.peft.reason;
   $("[data-export-note]").textContent = design.exports.peft.available ? "" : `PEFT: ${design.exports.peft.reason}`;
+  $("[data-undo]").disabled = !design.history.undo;
+  $("[data-redo]").disabled = !design.history.redo;
   document.body.dataset.designVersion = String(Number(document.body.dataset.designVersion || 0) + 1);
   state.applyMs = state.applyMs.slice(-199).concat([performance.now() - started]);  // for benchmarks
 });
@@ -119,6 +121,15 @@ function applySearch() {
 $("[data-tree-search]").addEventListener("input", applySearch);
 $("[data-dtype]").addEventListener("change", (event) => send("set_dtype", { dtype: event.target.value }));
 $("[data-add-group]").addEventListener("click", () => send("add_group", { method: "lora" }));
+$("[data-undo]").addEventListener("click", () => send("undo", {}));
+$("[data-redo]").addEventListener("click", () => send("redo", {}));
+document.addEventListener("keydown", (event) => {
+  // Ctrl+Z / Ctrl+Shift+Z undo design edits; inside a text field they stay the field's own
+  const typing = event.target.closest("input, textarea, select, [contenteditable]");
+  if (typing || !(event.ctrlKey || event.metaKey) || event.key.toLowerCase() !== "z") return;
+  event.preventDefault();
+  send(event.shiftKey ? "redo" : "undo", {});
+});
 $("[data-quick-picks]").addEventListener("click", (event) => {
   const pick = event.target.closest("[data-quick-pick]");
   if (pick && state.activeId) {

@@ -166,3 +166,28 @@ def test_building_an_empty_design_shows_why_at_the_build_button(designer: Page):
     page.click("[data-build]")
     expect(page.locator('[data-error="build"]')).to_contain_text("no delta and unfreezes no module")
     expect(page.locator("[data-build-result]")).not_to_have_attribute("data-build-trainable", "22713216")
+
+
+def test_undo_and_redo_by_button_and_keyboard(designer: Page):
+    page = designer
+    expect(page.locator("[data-undo]")).to_be_disabled()
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("query"))
+    chosen = number(page, "[data-total-trainable]")
+    assert chosen > 0
+    wait_update(page, lambda: page.click("[data-add-group]"))
+    expect(page.locator("[data-group-id]")).to_have_count(2)
+    wait_update(page, lambda: page.click("[data-undo]"))  # the added group goes again
+    expect(page.locator("[data-group-id]")).to_have_count(1)
+    expect(page.locator("[data-redo]")).to_be_enabled()
+    page.locator("[data-undo]").focus()
+    wait_update(page, lambda: page.keyboard.press("Control+z"))  # outside a text field: the design's undo
+    assert number(page, "[data-total-trainable]") == 0
+    expect(page.locator("[data-undo]")).to_be_disabled()
+    wait_update(page, lambda: page.keyboard.press("Control+Shift+z"))
+    assert number(page, "[data-total-trainable]") == chosen
+    field = group(page).locator("[data-expressions]")
+    field.focus()
+    before = page.locator("body").get_attribute("data-design-version")
+    page.keyboard.press("Control+z")  # inside a text field it stays the field's own undo
+    page.wait_for_timeout(300)
+    assert page.locator("body").get_attribute("data-design-version") == before
