@@ -59,17 +59,17 @@ class History:
         self._current = snapshot
 
     def undo(self, now: Snapshot) -> Snapshot | None:
-        if not self._undo:
-            return None
-        self._redo.append(now)
-        self._current = self._undo.pop()
-        return self._current
+        return self._move(self._undo, self._redo, now)
 
     def redo(self, now: Snapshot) -> Snapshot | None:
-        if not self._redo:
+        return self._move(self._redo, self._undo, now)
+
+    def _move(self, source: Any, target: Any, now: Snapshot) -> Snapshot | None:
+        """Step to ``source``'s last snapshot, keeping ``now`` on ``target`` to step back to."""
+        if not source:
             return None
-        self._undo.append(now)
-        self._current = self._redo.pop()
+        target.append(now)
+        self._current = source.pop()
         return self._current
 
     def counts(self) -> dict[str, int]:
