@@ -94,7 +94,11 @@ export class GroupsView {
         el("span", { class: "muted", "data-group-modules": true })]),
       ...FIELDS.map((field) => el("span", { class: "error", "data-error": field, role: "alert" })),
     );
-    panel.addEventListener("focusin", () => { if (!panel.classList.contains("active")) this.send("select_group", { group_id: id }); });
+    // a group becomes active when it is clicked or edited, never because focus passed through it
+    const activate = () => { if (!panel.classList.contains("active")) this.send("select_group", { group_id: id }); };
+    panel.addEventListener("pointerdown", activate);
+    panel.addEventListener("input", activate);
+    panel.addEventListener("change", activate);
     $("[data-select-group]", panel).addEventListener("click", () => this.send("select_group", { group_id: id }));
     $("[data-remove-group]", panel).addEventListener("click", () => this.send("remove_group", { group_id: id }));
     $("[data-use-defaults]", panel).addEventListener("click", () => this.send("set_expressions",
@@ -122,6 +126,7 @@ export class GroupsView {
   patch(panel, group, index, active) {
     const setValue = (node, value) => { if (document.activeElement !== node) node.value = value; };
     panel.classList.toggle("active", active);
+    panel.dataset.active = String(active);
     panel.style.setProperty("--group", colourOf(index));
     panel.dataset.method = group.method;
     $("[data-use-defaults]", panel).hidden = !this.method(group.method).defaults.length;

@@ -191,3 +191,22 @@ def test_undo_and_redo_by_button_and_keyboard(designer: Page):
     page.keyboard.press("Control+z")  # inside a text field it stays the field's own undo
     page.wait_for_timeout(300)
     assert page.locator("body").get_attribute("data-design-version") == before
+
+
+def test_focus_passing_through_a_panel_never_changes_the_active_group(designer: Page):
+    page = designer
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("query"))
+    wait_update(page, lambda: page.click("[data-add-group]"))
+    expect(group(page, 1)).to_have_attribute("data-active", "true")
+    group(page, 0).locator("[data-group-name]").focus()  # keyboard focus walks through the first panel
+    for _ in range(4):
+        page.keyboard.press("Shift+Tab")
+        page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    page.wait_for_timeout(300)
+    expect(group(page, 1)).to_have_attribute("data-active", "true")
+    wait_update(page, lambda: page.click('[data-quick-pick="attn.q,attn.v"]'))  # applies to the active group
+    expect(group(page, 0).locator("[data-expressions]")).to_have_attribute("data-expressions", "query")
+    expect(group(page, 1).locator("[data-expressions]")).to_have_attribute("data-expressions", "query\nvalue")
+    wait_update(page, lambda: group(page, 0).locator("[data-expressions]").fill("key"))  # editing activates
+    expect(group(page, 0)).to_have_attribute("data-active", "true")
