@@ -64,6 +64,7 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
                 try:
                     session = current()
                     function(session, p.parse(schema, payload, event))
+                    store.edited(session)
                     socketio.emit("design_updated", session.snapshot(), to=session.id)
                 except (p.PayloadError, DeltaError) as error:
                     report(error, event, payload)
@@ -88,12 +89,12 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
             given = auth.get("token")
         if token and not (given and secrets.compare_digest(str(given), token)):
             return False
-        cookie = request.cookies.get(SESSION_COOKIE)
-        session = store.get(cookie if valid_session_id(cookie) else new_session_id())
+        session = _tab_session(store, auth)
         sessions[request.sid] = session  # type: ignore[attr-defined]
         store.connected(session.id, +1)
         join_room(session.id)
-        socketio.emit("hello", {"methods": method_catalogue(), "session": session.id[:6]}, to=request.sid)  # type: ignore[attr-defined]
+        socketio.emit("hello", {"methods": method_catalogue(), "session": session.id[:6], "tab": session.id},
+                      to=request.sid)  # type: ignore[attr-defined]
         if session.loaded is not None:
             socketio.emit("backbone_loaded", backbone_message(session), to=request.sid)  # type: ignore[attr-defined]
             socketio.emit("design_updated", session.snapshot(), to=request.sid)  # type: ignore[attr-defined]
@@ -156,6 +157,22 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
     @handler("redo", p.Message)
     def redo(session: DesignSession, message: p.Message) -> None:
         session.redo()
+
+
+def _tab_session(store: SessionStore, auth: Any) -> DesignSession:
+    """The session a socket edits. The page sends its tab's session id (kept in the tab's
+    sessionStorage), or asks for a fork on a tab's first connection: each tab is its own design,
+    starting from the browser's latest (the cookie's). Clients that send neither use the
+    cookie's session."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    base = store.get(cookie if valid_session_id(cookie) else new_session_id())
+    if isinstance(auth, dict):
+        tab = auth.get("tab")
+        if isinstance(tab, str) and valid_session_id(tab):
+            return store.get(tab)
+        if auth.get("fork") is True:
+            return store.fork(base)
+    return base
 
 
 def _load(socketio: SocketIO, store: SessionStore, session: DesignSession, source: str, sid: str) -> None:

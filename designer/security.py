@@ -88,9 +88,10 @@ def host_name(value: str | None) -> str:
 
 
 class RedactTokens(logging.Filter):
-    """Keeps access tokens out of logs (the first request carries one in its URL)."""
+    """Keeps access tokens (the first request carries one in its URL) and tab session ids (export
+    links carry one) out of logs."""
 
-    PATTERN = re.compile(r"(token=)[^&\s\"']+")
+    PATTERN = re.compile(r"((?:token|tab)=)[^&\s\"']+")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.args:

@@ -74,6 +74,8 @@ class DesignSession(Undoable):
         #: undo/redo of this backbone's design; the designs of the other backbones shown before
         self.history = History()
         self.shelf = Shelf()
+        #: the browser (cookie) session this tab's session was forked from, if any
+        self.parent: str | None = None
 
     # --- backbone ----------------------------------------------------------------------------
 

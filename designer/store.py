@@ -50,6 +50,8 @@ class SessionStore:
         self._sockets: dict[str, int] = {}
         self.max_sessions = max_sessions
         self._previewers: dict[int, Previewer] = {}
+        #: a browser's (cookie) session id → the tab session it edited last
+        self._latest: dict[str, str] = {}
         self._guard = threading.Lock()
 
     def _remove_interrupted_writes(self) -> None:
@@ -86,6 +88,33 @@ class SessionStore:
         if restore:
             self._restore(session)
         return session
+
+    def fork(self, browser: DesignSession) -> DesignSession:
+        """A new session (a new browser tab's) starting from a copy of the design this browser
+        (its cookie's session) edited last, in whichever tab; independent from then on, and
+        written nothing until its first edit."""
+        with self._guard:
+            latest = self._latest.get(browser.id)
+        base = self.get(latest) if latest is not None else browser
+        session = self.get(new_session_id())
+        session.parent = browser.id
+        self.edited(session)
+        with base.lock:
+            loaded, state = base.loaded, base.state()
+        if loaded is not None:
+            with session.lock:
+                session.loaded, session.preview = loaded, self.previewer(loaded)
+                session.restore(state)
+        return session
+
+    def edited(self, session: DesignSession) -> None:
+        """Note the tab session a browser edited last (new tabs start from its design)."""
+        if session.parent is not None:
+            with self._guard:
+                self._latest.pop(session.parent, None)
+                self._latest[session.parent] = session.id
+                while len(self._latest) > self.max_sessions:
+                    self._latest.pop(next(iter(self._latest)))
 
     def connected(self, session_id: str, change: int) -> None:
         """Count a socket connecting (+1) to or leaving (-1) a session; connected ones stay."""

@@ -39,7 +39,15 @@ def _store() -> SessionStore:
     return current_app.extensions["delta_designer"]
 
 
+#: the header (and, for export links, the query parameter) naming a tab's own session
+TAB_HEADER = "X-Delta-Tab"
+
+
 def _session() -> DesignSession:
+    """The tab's session when the page names it, else the browser's (the cookie's)."""
+    tab = request.headers.get(TAB_HEADER) or request.args.get("tab")
+    if valid_session_id(tab):
+        return _store().get(str(tab))
     cookie = request.cookies.get(SESSION_COOKIE)
     if not valid_session_id(cookie):
         raise PayloadError("no design session: open the designer page first (it sets a cookie)")
@@ -129,6 +137,7 @@ def import_design() -> tuple[Response, int] | Response:
     parse(DesignBody, document, "import")
     session = _session()
     session.import_design(Design.from_dict(document))
+    _store().edited(session)
     snapshot = session.snapshot()
     current_app.extensions["delta_designer_socketio"].emit("design_updated", snapshot, to=session.id)
     return jsonify(snapshot)

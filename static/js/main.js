@@ -4,7 +4,14 @@ import { $, clearErrors, exact, humanBytes, showError } from "./dom.js";
 import { GroupsView } from "./groups.js";
 import { TreeView, renderTree } from "./tree.js";
 
-const socket = io({ transports: ["websocket", "polling"] });
+// Each tab edits its own design: its session id lives in the tab's sessionStorage (a reload keeps
+// it); a tab's first connection asks the server for a copy of the browser's latest design.
+const TAB_KEY = "delta-designer-tab";
+const tabId = () => sessionStorage.getItem(TAB_KEY);
+const socket = io({
+  transports: ["websocket", "polling"],
+  auth: (reply) => reply(tabId() ? { tab: tabId() } : { fork: true }),
+});
 const state = { design: null, activeId: null, backbones: null, applyMs: [] };
 window.deltaDesigner = { state, socket };  // for tests and the curious
 
@@ -21,7 +28,15 @@ const groups = new GroupsView($("[data-groups]"), send);
 
 // --- server events ---------------------------------------------------------------------------
 
-socket.on("hello", (message) => groups.setMethods(message.methods));
+socket.on("hello", (message) => {
+  sessionStorage.setItem(TAB_KEY, message.tab);
+  for (const link of document.querySelectorAll("[data-export]")) {
+    const url = new URL(link.getAttribute("href"), location.href);
+    url.searchParams.set("tab", message.tab);
+    link.setAttribute("href", url.pathname + url.search);
+  }
+  groups.setMethods(message.methods);
+});
 
 socket.on("backbone_loaded", (message) => {
   groups.setMethods(message.methods);
@@ -140,7 +155,8 @@ $("[data-quick-picks]").addEventListener("click", (event) => {
 // --- build, export, import -------------------------------------------------------------------
 
 async function postJSON(url, body) {
-  const response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" }, body });
+  const headers = { "Content-Type": "application/json", "X-Delta-Tab": tabId() || "" };
+  const response = await fetch(url, { method: "POST", headers, body });
   const data = await response.json();
   if (!response.ok) throw new Error(data.error || response.statusText);
   return data;

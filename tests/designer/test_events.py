@@ -192,3 +192,33 @@ def test_quick_picks_select_roles_where_typed_names_select_real_modules(server):
     design = last(client, "design_updated")
     assert design["groups"][0]["expressions"] == ["word_embeddings"]
     assert design["groups"][0]["trainable"] == 8 * (30522 + 768)  # LoRA r=8 on the token embedding
+
+
+def _received(client) -> dict:
+    """The last event of each name received since the last call."""
+    return {e["name"]: e["args"][0] for e in client.get_received()}
+
+
+def test_a_tab_forks_its_own_session_and_reconnects_to_it(server):
+    app, socketio = server
+    http = app.test_client()
+    http.get("/")
+    browser = socketio.test_client(app, flask_test_client=http)  # no auth: the cookie's session
+    first = _received(browser)
+    cookie_group = first["design_updated"]["groups"][0]["id"]
+    browser.emit("set_expressions", {"group_id": cookie_group, "expressions": ["query"]})
+    tab = socketio.test_client(app, flask_test_client=http, auth={"fork": True})
+    opened = _received(tab)
+    tab_id = opened["hello"]["tab"]
+    assert tab_id != first["hello"]["tab"]
+    assert opened["design_updated"]["groups"][0]["expressions"] == ["query"]  # starts from the browser's design
+    tab.emit("set_expressions", {"group_id": opened["design_updated"]["groups"][0]["id"], "expressions": ["value"]})
+    assert last(tab, "design_updated")["groups"][0]["expressions"] == ["value"]
+    browser.emit("select_group", {"group_id": cookie_group})
+    assert last(browser, "design_updated")["groups"][0]["expressions"] == ["query"]  # untouched
+    again = socketio.test_client(app, flask_test_client=http, auth={"tab": tab_id})  # a reload of that tab
+    assert last(again, "design_updated")["groups"][0]["expressions"] == ["value"]
+    newest = socketio.test_client(app, flask_test_client=http, auth={"fork": True})  # a third tab
+    assert last(newest, "design_updated")["groups"][0]["expressions"] == ["value"]  # the latest edit's
+    exported = http.get(f"/api/design/export?format=json&tab={tab_id}").get_json()
+    assert exported["deltas"][0]["modified_modules"] == ["value"]

@@ -1,6 +1,8 @@
 """Steps 4–8: methods, routes and hyper-parameters from the registry, live counts, typed
 expressions, several groups with unfrozen modules, and the engine's build equal to the preview."""
 
+import json
+
 from playwright.sync_api import Page, expect
 
 from engine import registered_methods
@@ -210,3 +212,27 @@ def test_focus_passing_through_a_panel_never_changes_the_active_group(designer: 
     expect(group(page, 1).locator("[data-expressions]")).to_have_attribute("data-expressions", "query\nvalue")
     wait_update(page, lambda: group(page, 0).locator("[data-expressions]").fill("key"))  # editing activates
     expect(group(page, 0)).to_have_attribute("data-active", "true")
+
+
+def test_two_tabs_of_one_browser_are_two_independent_designs(designer: Page, tmp_path):
+    first = designer
+    wait_update(first, lambda: group(first).locator("[data-expressions]").fill("query"))
+    second = first.context.new_page()  # a second tab: same cookies, its own sessionStorage
+    second.goto(first.url)
+    second.wait_for_selector("body[data-design-version]")
+    expect(group(second).locator("[data-expressions]")).to_have_attribute("data-expressions", "query")  # a copy
+    wait_update(second, lambda: group(second).locator("[data-expressions]").fill("value"))
+    load(second, "catalog", "gpt2")  # switching backbone in one tab leaves the other alone
+    expect(second.locator("[data-tree]")).to_have_attribute("data-ready", "catalog:gpt2")
+    first.wait_for_timeout(300)
+    expect(group(first).locator("[data-expressions]")).to_have_attribute("data-expressions", "query")
+    first.reload()  # a reload keeps the tab's own design
+    first.wait_for_selector("body[data-design-version]")
+    expect(first.locator("[data-tree]")).to_have_attribute("data-ready", "minilm")
+    expect(group(first).locator("[data-expressions]")).to_have_attribute("data-expressions", "query")
+    with first.expect_download() as info:
+        first.click('[data-export="json"]')
+    path = tmp_path / "first.json"
+    info.value.save_as(path)
+    assert json.loads(path.read_text())["deltas"][0]["modified_modules"] == ["query"]
+    second.close()
