@@ -10,6 +10,8 @@ from flask.json.provider import DefaultJSONProvider
 from flask_socketio import SocketIO
 
 from designer import bounded_json, events, security
+from designer.designs_api import api as designs_api
+from designer.named import NamedDesigns
 from designer.resources import resource_dir
 from designer.state import DEFAULT_BUDGET_BYTES, BackboneCache
 from designer.store import MAX_SESSIONS, SessionStore
@@ -49,8 +51,10 @@ def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     backbones = BackboneCache(app.config["BACKBONE"], int(app.config["BACKBONE_BUDGET_BYTES"]))
     store = SessionStore(Path(app.config["WORKSPACE"]), backbones, int(app.config["MAX_SESSIONS"]))
     app.extensions["delta_designer"] = store
+    app.extensions["delta_designer_named"] = NamedDesigns(Path(app.config["WORKSPACE"]))
     security.install(app)
     app.register_blueprint(bp)
+    app.register_blueprint(designs_api)
     # one client's events are handled one after another, in the order sent (a fast clicker's or
     # a script's pipelined ticks are never applied out of order); Host/Origin checked on connect
     socketio = SocketIO(app, async_mode="threading", async_handlers=False, json=bounded_json)

@@ -43,7 +43,7 @@ def _store() -> SessionStore:
 TAB_HEADER = "X-Delta-Tab"
 
 
-def _session() -> DesignSession:
+def current_session() -> DesignSession:
     """The tab's session when the page names it, else the browser's (the cookie's)."""
     tab = request.headers.get(TAB_HEADER) or request.args.get("tab")
     if valid_session_id(tab):
@@ -112,19 +112,19 @@ def backbones() -> Response:
 
 @bp.get("/api/tree")
 def tree() -> Response:
-    session = _session()
+    session = current_session()
     loaded, _ = session.require()
     return jsonify({"backbone": loaded.summary(), "tree": loaded.collapsed.to_dict()})
 
 
 @bp.get("/api/design")
 def design() -> Response:
-    return jsonify(_session().snapshot())
+    return jsonify(current_session().snapshot())
 
 
 @bp.get("/api/design/export")
 def export() -> Response:
-    filename, mime, text = exports.export(_session(), request.args.get("format", "json"))
+    filename, mime, text = exports.export(current_session(), request.args.get("format", "json"))
     return Response(text, mimetype=mime,
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
@@ -135,18 +135,23 @@ def import_design() -> tuple[Response, int] | Response:
     if not isinstance(document, dict):
         raise PayloadError("the body must be a delta-design/1 JSON object", "import")
     parse(DesignBody, document, "import")
-    session = _session()
+    session = current_session()
     session.import_design(Design.from_dict(document))
+    return jsonify(notify(session))
+
+
+def notify(session: DesignSession) -> dict:
+    """After an edit made over REST: note it, and send the design to the session's tabs."""
     _store().edited(session)
     snapshot = session.snapshot()
     current_app.extensions["delta_designer_socketio"].emit("design_updated", snapshot, to=session.id)
-    return jsonify(snapshot)
+    return snapshot
 
 
 @bp.post("/api/design/build")
 def build() -> Response:
     """Build the design with the engine on the loaded backbone; report its real count and tree."""
-    session = _session()
+    session = current_session()
     loaded, _ = session.require()
     design = session.design()
     model = loaded.backbone.model

@@ -1,6 +1,7 @@
 // The designer page: one socket, one design. Every number shown comes from the server (engine).
 import { io } from "/vendor/socket.io/socket.io.esm.min.js";
 import { $, clearErrors, exact, humanBytes, showError } from "./dom.js";
+import { DesignsView } from "./designs.js";
 import { GroupsView } from "./groups.js";
 import { TreeView, renderTree } from "./tree.js";
 
@@ -154,13 +155,17 @@ $("[data-quick-picks]").addEventListener("click", (event) => {
 
 // --- build, export, import -------------------------------------------------------------------
 
-async function postJSON(url, body) {
+// REST calls act on this tab's design: its session id goes in a header
+async function request(method, url, body) {
   const headers = { "Content-Type": "application/json", "X-Delta-Tab": tabId() || "" };
-  const response = await fetch(url, { method: "POST", headers, body });
+  const text = body === undefined || typeof body === "string" ? body : JSON.stringify(body);
+  const response = await fetch(url, { method, headers, body: text });
   const data = await response.json();
   if (!response.ok) throw new Error(data.error || response.statusText);
   return data;
 }
+const postJSON = (url, body) => request("POST", url, body);
+new DesignsView($("[data-designs-panel]"), request);
 
 $("[data-build]").addEventListener("click", async () => {
   showError(document, "build", "");

@@ -74,11 +74,16 @@ def start_server(backbone: str, extra: list[str] | None = None, program: list[st
 
 
 @pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def live_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The live server's workspace (sessions, saved designs)."""
+    return tmp_path_factory.mktemp("workspace")
+
+
+@pytest.fixture(scope="session")
+def live_server(live_workspace: Path) -> Iterator[str]:
     """The designer on the embedded default backbone, as `make run` serves it."""
     ARTIFACTS.mkdir(exist_ok=True)
-    workspace = tmp_path_factory.mktemp("workspace")
-    process, url = start_server("minilm", ["--workspace", str(workspace)])
+    process, url = start_server("minilm", ["--workspace", str(live_workspace)])
     yield url
     process.terminate()
     process.wait(timeout=10)

@@ -129,3 +129,37 @@ def test_screenshot_for_the_readme(designer: Page):
     wait_update(page, lambda: group(page, 0).locator("[data-select-group]").click())
     page.screenshot(path=str(ROOT / "docs" / "designer.png"))
     assert (ROOT / "docs" / "designer.png").stat().st_size > 20_000
+
+
+def test_saved_designs_are_listed_opened_duplicated_renamed_and_deleted(designer: Page, live_workspace):
+    page = designer
+    page.click("[data-designs-panel] > summary")
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("query"))
+    page.fill("[data-design-name]", "just-query")
+    page.click("[data-design-save]")
+    item = page.locator('[data-design-item="just-query"]')
+    expect(item).to_have_attribute("data-readable", "true")
+    expect(item).to_contain_text("minilm · 1 deltas")
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("value"))
+    wait_update(page, lambda: item.locator("[data-design-open]").click())
+    expect(group(page).locator("[data-expressions]")).to_have_attribute("data-expressions", "query")
+    page.fill("[data-design-name]", "copy")
+    item.locator("[data-design-duplicate]").click()
+    expect(page.locator('[data-design-item="copy"]')).to_be_visible()
+    page.fill("[data-design-name]", "renamed")
+    page.locator('[data-design-item="copy"] [data-design-rename]').click()
+    expect(page.locator('[data-design-item="renamed"]')).to_be_visible()
+    expect(page.locator('[data-design-item="copy"]')).to_have_count(0)
+    page.locator('[data-design-item="renamed"] [data-design-delete]').click()
+    expect(page.locator('[data-design-item="renamed"]')).to_have_count(0)
+    (live_workspace / "designs" / "broken.json").write_text("{not json")
+    page.fill("[data-design-name]", "just-query")
+    page.click("[data-design-save]")  # exists: an error at the panel, the list still there
+    expect(page.locator('[data-error="designs"]')).to_contain_text("exists")
+    page.click("[data-designs-panel] > summary")
+    page.click("[data-designs-panel] > summary")  # reopening lists again, the broken file included
+    expect(page.locator('[data-design-item="broken"]')).to_have_attribute("data-readable", "false")
+    expect(page.locator('[data-design-item="broken"]')).to_contain_text("unreadable")
+    page.locator('[data-design-item="broken"] [data-design-delete]').click()
+    expect(page.locator('[data-design-item="broken"]')).to_have_count(0)
+    page.locator('[data-design-item="just-query"] [data-design-delete]').click()

@@ -1,0 +1,82 @@
+"""Named designs in the workspace: save, list, open, rename, duplicate, delete — bounded names and
+counts, unreadable files listed (never a crash), a design for another backbone refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from designer import named
+from designer.app import create_app
+
+QV = {"format": "delta-design/1", "deltas": [
+    {"delta_type": "lora", "name": "lora_qv", "modified_modules": ["query", "value"]}]}
+KEY = {"format": "delta-design/1", "deltas": [{"delta_type": "ia3", "name": "scales", "modified_modules": ["key"]}]}
+
+
+@pytest.fixture()
+def client(tmp_path):
+    app, _ = create_app({"BACKBONE": "catalog:bert-base-uncased", "WORKSPACE": str(tmp_path)})
+    http = app.test_client()
+    assert http.get("/").status_code == 200
+    return http
+
+
+def _expressions(http) -> list[list[str]]:
+    return [g["expressions"] for g in http.get("/api/design").get_json()["groups"]]
+
+
+def test_save_list_open_rename_duplicate_delete(client):
+    assert client.post("/api/design/import", json=QV).status_code == 200
+    listed = client.post("/api/designs", json={"name": "qv"}).get_json()["designs"]
+    assert listed == [{"name": "qv", "readable": True, "source": "catalog:bert-base-uncased", "deltas": 1,
+                       "trainable": 294_912}]
+    client.post("/api/design/import", json=KEY)
+    assert _expressions(client) == [["key"]]
+    assert client.post("/api/designs/qv/open").status_code == 200
+    assert _expressions(client) == [["query", "value"]]
+    names = [d["name"] for d in client.post("/api/designs/qv/duplicate", json={"new_name": "qv-copy"}).get_json()["designs"]]
+    assert names == ["qv", "qv-copy"]
+    names = [d["name"] for d in client.post("/api/designs/qv-copy/rename", json={"new_name": "qv.2"}).get_json()["designs"]]
+    assert names == ["qv", "qv.2"]
+    assert [d["name"] for d in client.delete("/api/designs/qv.2").get_json()["designs"]] == ["qv"]
+    refused = client.post("/api/designs", json={"name": "qv"})
+    assert refused.status_code == 400 and "exists" in refused.get_json()["error"]
+    client.post("/api/design/import", json=KEY)
+    assert client.post("/api/designs", json={"name": "qv", "replace": True}).status_code == 200
+    client.post("/api/designs/qv/open")
+    assert _expressions(client) == [["key"]]
+
+
+@pytest.mark.parametrize("name", ["", "../escape", ".hidden", "a" * 65, "x.json", "sp ace", 7, None])
+def test_bad_names_are_refused_naming_the_rule(client, name):
+    response = client.post("/api/designs", json={"name": name})
+    assert response.status_code == 400 and "a design name is 1–64 letters" in response.get_json()["error"]
+    assert client.get("/api/designs").get_json()["designs"] == []
+
+
+def test_the_number_of_designs_is_bounded(client, monkeypatch):
+    monkeypatch.setattr(named, "MAX_DESIGNS", 2)
+    for name in ("a", "b"):
+        assert client.post("/api/designs", json={"name": name}).status_code == 200
+    response = client.post("/api/designs", json={"name": "c"})
+    assert response.status_code == 400 and "at most 2 designs" in response.get_json()["error"]
+
+
+def test_unreadable_files_are_listed_and_other_backbones_refused(client, tmp_path):
+    client.post("/api/design/import", json=QV)
+    client.post("/api/designs", json={"name": "good"})
+    designs = tmp_path / "designs"
+    (designs / "broken.json").write_text('{"format": "delta-design/1", "deltas": [')
+    (designs / "other.json").write_text(json.dumps({**QV, "backbone": {"source": "catalog:gpt2"}}))
+    listed = {d["name"]: d for d in client.get("/api/designs").get_json()["designs"]}
+    assert listed["broken"]["readable"] is False and "Expecting" in listed["broken"]["error"]
+    assert listed["good"]["readable"] and listed["other"]["source"] == "catalog:gpt2"
+    response = client.post("/api/designs/broken/open")
+    assert response.status_code == 400 and "unreadable" in response.get_json()["error"]
+    client.post("/api/design/import", json=KEY)
+    response = client.post("/api/designs/other/open")
+    assert response.status_code == 400 and "made for catalog:gpt2" in response.get_json()["error"]
+    assert _expressions(client) == [["key"]]  # nothing changed
+    assert client.post("/api/designs/nothing/open").status_code == 400
