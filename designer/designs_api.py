@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from designer.compare import compare
 from designer.exports import design_document
 from designer.named import NamedDesigns
 from designer.payloads import PayloadError
@@ -55,6 +56,15 @@ def open_design(name: str) -> Response:
                            "then open it", "backbone")
     session.import_design(Design.from_dict(document))
     return jsonify(notify(session))
+
+
+@api.get("/api/designs/compare")
+def compare_designs() -> Response:
+    """``?a=NAME&b=NAME``: two saved designs of the shown backbone, side by side."""
+    names = [request.args.get("a"), request.args.get("b")]
+    if any(not name for name in names) or names[0] == names[1]:
+        raise PayloadError("compare needs two different saved designs: ?a=NAME&b=NAME", "compare")
+    return jsonify(compare(current_session(), {name: _designs().read(name) for name in names}))
 
 
 @api.post("/api/designs/<name>/rename")

@@ -80,3 +80,29 @@ def test_unreadable_files_are_listed_and_other_backbones_refused(client, tmp_pat
     assert response.status_code == 400 and "made for catalog:gpt2" in response.get_json()["error"]
     assert _expressions(client) == [["key"]]  # nothing changed
     assert client.post("/api/designs/nothing/open").status_code == 400
+
+
+def test_two_saved_designs_compare_side_by_side(client):
+    client.post("/api/design/import", json=QV)
+    client.post("/api/designs", json={"name": "qv"})
+    both = {"format": "delta-design/1", "deltas": [
+        {"delta_type": "lora", "name": "lora_qk", "modified_modules": ["query", "key"], "lora_r": 4},
+        {"delta_type": "adapter", "name": "adapters", "modified_modules": ["output.dense"]}]}
+    client.post("/api/design/import", json=both)
+    client.post("/api/designs", json={"name": "qk-adapters"})
+    result = client.get("/api/designs/compare?a=qv&b=qk-adapters").get_json()
+    assert result["a"]["totals"]["trainable"] == 294_912
+    assert [g["name"] for g in result["b"]["groups"]] == ["lora_qk", "adapters"]
+    assert result["b"]["groups"][0]["trainable"] == 147_456  # r=4 on query and key, 12 layers
+    assert result["a"]["totals"]["checkpoint_bytes"] == 4 * 294_912
+    assert result["diff"] == {"only_a": 12, "only_b": 12 + 24, "both": 12}  # value; key + output.dense ×2; query
+    assert result["modules"]["both"][0] == "encoder.layer.0.attention.self.query"
+    marks = result["marks"]
+    assert marks["encoder.layer.*.attention.self.query"] == "both"
+    assert marks["encoder.layer.*.attention.self.value"] == "only-a"
+    assert marks["encoder.layer.*.attention.self.key"] == "only-b"
+    assert _expressions(client) == [["query", "key"], ["output.dense"]]  # the tab's design untouched
+    for query, message in (("a=qv&b=qv", "two different"), ("a=qv", "two different"),
+                           ("a=qv&b=missing", "no saved design 'missing'")):
+        response = client.get(f"/api/designs/compare?{query}")
+        assert response.status_code == 400 and message in response.get_json()["error"]

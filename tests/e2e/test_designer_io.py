@@ -163,3 +163,28 @@ def test_saved_designs_are_listed_opened_duplicated_renamed_and_deleted(designer
     page.locator('[data-design-item="broken"] [data-design-delete]').click()
     expect(page.locator('[data-design-item="broken"]')).to_have_count(0)
     page.locator('[data-design-item="just-query"] [data-design-delete]').click()
+
+
+def test_two_saved_designs_compare_with_marks_on_the_tree(designer: Page):
+    page = designer
+    page.click("[data-designs-panel] > summary")
+    for name, expressions in (("cmp-q", "query"), ("cmp-qv", "query\nvalue")):
+        wait_update(page, lambda expressions=expressions: group(page).locator("[data-expressions]").fill(expressions))
+        page.fill("[data-design-name]", name)
+        page.click("[data-design-save]")
+        expect(page.locator(f'[data-design-item="{name}"]')).to_be_visible()
+    page.select_option("[data-compare-a]", "cmp-q")
+    page.select_option("[data-compare-b]", "cmp-qv")
+    page.click("[data-compare-run]")
+    result = page.locator("[data-compare-result]")
+    expect(result.locator('[data-compare-total="a"]')).to_have_text("36,864")
+    expect(result.locator('[data-compare-total="b"]')).to_have_text("73,728")
+    expect(result.locator("[data-compare-only-b]")).to_have_attribute("data-compare-only-b", "6")
+    expect(result.locator("[data-compare-both]")).to_have_attribute("data-compare-both", "6")
+    expect(node(page, "encoder.layer.*.attention.self.value")).to_have_attribute("data-compare", "only-b")
+    expect(node(page, "encoder.layer.*.attention.self.query")).to_have_attribute("data-compare", "both")
+    page.click("[data-compare-clear]")
+    expect(page.locator("[data-tree] [data-compare]")).to_have_count(0)
+    for name in ("cmp-q", "cmp-qv"):
+        page.locator(f'[data-design-item="{name}"] [data-design-delete]').click()
+        expect(page.locator(f'[data-design-item="{name}"]')).to_have_count(0)
