@@ -14,7 +14,14 @@ from typing import Any
 
 from torch import nn
 
-from engine import Backbone, ModelStructure, ModuleTree, load_backbone
+from engine import (
+    Backbone,
+    DeltaError,
+    ModelStructure,
+    ModuleTree,
+    load_backbone,
+    peft_default_modules,
+)
 
 
 @dataclass
@@ -60,6 +67,29 @@ class LoadedBackbone:
             if label:
                 labels[node.path] = label
         return {"labels": labels, "available": sorted(inferred.by_role)}
+
+    def peft_defaults(self) -> dict[str, Any]:
+        """Which modules PEFT's default ``target_modules`` wrap here (``all``/``some`` members of
+        each collapsed node), for the page's overlay; why there are none, when there are none.
+        Computed once per backbone, under its lock."""
+        with self.lock:
+            cached = self.__dict__.get("_peft_defaults")
+            if cached is None:
+                cached = self.__dict__["_peft_defaults"] = self._peft_defaults()
+            return cached
+
+    def _peft_defaults(self) -> dict[str, Any]:
+        try:
+            paths, source = peft_default_modules(self.twin)
+        except DeltaError as error:
+            return {"paths": [], "marks": {}, "source": str(error)}
+        chosen = set(paths)
+        marks = {}
+        for node in self.collapsed.root.walk():
+            hits = sum(p in chosen for p in node.member_paths) if node.path else 0
+            if hits:
+                marks[node.path] = "all" if hits == len(node.member_paths) else "some"
+        return {"paths": paths, "marks": marks, "source": source}
 
     def summary(self) -> dict[str, Any]:
         return {

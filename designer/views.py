@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from designer import exports
 from designer.payloads import DesignBody, PayloadError, parse
+from designer.preview import UNFREEZE
 from designer.resources import socketio_client_dir
 from designer.session import DesignSession
 from designer.store import (
@@ -115,6 +116,20 @@ def tree() -> Response:
     session = current_session()
     loaded, _ = session.require()
     return jsonify({"backbone": loaded.summary(), "tree": loaded.collapsed.to_dict()})
+
+
+@bp.get("/api/peft-defaults")
+def peft_defaults() -> Response:
+    """The modules PEFT's default ``target_modules`` would wrap on the shown backbone, and how
+    they differ from this tab's design (its delta groups' modules)."""
+    session = current_session()
+    loaded, _ = session.require()
+    defaults = loaded.peft_defaults()
+    with session.lock:
+        design = {p for g in session.groups if g.method != UNFREEZE for p in g.selection}
+    chosen = set(defaults["paths"])
+    return jsonify({**defaults, "count": len(chosen), "in_design": len(chosen & design),
+                    "not_in_design": len(chosen - design), "design_only": len(design - chosen)})
 
 
 @bp.get("/api/design")

@@ -31,6 +31,7 @@ _EXPORTS: MappingProxyType[str, str] = MappingProxyType({
     "export_peft": "engine.interop.peft",
     "import_peft": "engine.interop.peft",
     "peft_adapter_config": "engine.interop.peft",
+    "peft_default_modules": "engine.interop.peft_matching",
     "training_memory": "engine.estimate",
     "AdapterConfig": "engine.methods.adapter",
     "AdapterModel": "engine.methods.adapter",
@@ -157,6 +158,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         training_memory,
     )
     from engine.interop.peft import export_peft, import_peft, peft_adapter_config  # noqa: F401
+    from engine.interop.peft_matching import peft_default_modules  # noqa: F401
     from engine.layers import DeltaModule  # noqa: F401
     from engine.methods.adapter import AdapterConfig, AdapterModel  # noqa: F401
     from engine.methods.bitfit import BitFitConfig, BitFitModel  # noqa: F401

@@ -112,6 +112,13 @@ def default_targets(model: nn.Module, peft_type: str) -> tuple[list[str], str]:
     return paths, f"this library's default positions ({why})"
 
 
+def peft_default_modules(model: nn.Module, peft_type: str = "LORA") -> tuple[list[str], str]:
+    """The module paths an adapter with ``target_modules: null`` wraps on ``model`` (PEFT's
+    defaults for its architecture), and where those defaults came from."""
+    _, source = default_targets(model, peft_type)
+    return target_paths(model, {"target_modules": None}, peft_type), source
+
+
 def target_paths(model: nn.Module, config: dict[str, Any], peft_type: str,
                  field: str = "target_modules") -> list[str]:
     """The module paths PEFT would wrap for ``config[field]``; a matched module PEFT cannot wrap,

@@ -76,6 +76,7 @@ socket.on("design_updated", (design) => {
   peft.setAttribute("aria-disabled", String(!design.exports.peft.available));
   peft.dataset.exportReason = design.exports.peft.reason;
   $("[data-export-note]").textContent = design.exports.peft.available ? "" : `PEFT: ${design.exports.peft.reason}`;
+  if ($("[data-peft-overlay]").checked) showPeftDefaults();
   $("[data-undo]").disabled = !design.history.undo;
   $("[data-redo]").disabled = !design.history.redo;
   document.body.dataset.designVersion = String(Number(document.body.dataset.designVersion || 0) + 1);
@@ -165,6 +166,28 @@ async function request(method, url, body) {
   return data;
 }
 const postJSON = (url, body) => request("POST", url, body);
+
+// PEFT's default targets over the tree, and how they differ from this design
+async function showPeftDefaults() {
+  for (const node of document.querySelectorAll("[data-tree] [data-peft-default]")) node.removeAttribute("data-peft-default");
+  const note = $("[data-peft-difference]");
+  if (!$("[data-peft-overlay]").checked) { note.textContent = ""; return; }
+  try {
+    const found = await request("GET", "/api/peft-defaults");
+    for (const [path, kind] of Object.entries(found.marks)) {
+      const node = document.querySelector(`[data-tree] [data-node-path="${CSS.escape(path)}"]`);
+      if (node) node.dataset.peftDefault = kind;
+    }
+    note.dataset.inDesign = found.in_design;
+    note.dataset.notInDesign = found.not_in_design;
+    note.dataset.designOnly = found.design_only;
+    note.textContent = `${found.source}: ${found.count} modules — ${found.in_design} in this design, `
+      + `${found.not_in_design} not, ${found.design_only} only in this design`;
+  } catch (error) {
+    note.textContent = error.message;
+  }
+}
+$("[data-peft-overlay]").addEventListener("change", showPeftDefaults);
 new DesignsView($("[data-designs-panel]"), request);
 
 $("[data-build]").addEventListener("click", async () => {

@@ -106,3 +106,13 @@ def test_two_saved_designs_compare_side_by_side(client):
                            ("a=qv&b=missing", "no saved design 'missing'")):
         response = client.get(f"/api/designs/compare?{query}")
         assert response.status_code == 400 and message in response.get_json()["error"]
+
+
+def test_peft_default_targets_and_their_difference_from_the_design(client):
+    client.post("/api/design/import", json={"format": "delta-design/1", "deltas": [
+        {"delta_type": "lora", "name": "q_and_dense", "modified_modules": ["query", "attention.output.dense"]}]})
+    found = client.get("/api/peft-defaults").get_json()
+    assert found["source"] == "PEFT's default target_modules for model type 'bert'"  # PEFT's own mapping
+    assert found["count"] == 24 and found["marks"] == {"encoder.layer.*.attention.self.query": "all",
+                                                         "encoder.layer.*.attention.self.value": "all"}
+    assert (found["in_design"], found["not_in_design"], found["design_only"]) == (12, 12, 12)

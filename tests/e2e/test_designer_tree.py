@@ -109,3 +109,17 @@ def test_catalog_architecture_and_local_directory_backbones(designer: Page, tmp_
     load(page, "catalog", "nope")
     expect(page.locator('[data-error="backbone"]')).to_contain_text("unknown catalog shape 'nope'")
     expect(page.locator("[data-tree]")).to_have_attribute("data-ready", str(tmp_path))
+
+
+def test_the_peft_defaults_overlay_marks_modules_and_counts_the_difference(designer: Page):
+    page = designer
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("query"))
+    page.check("[data-peft-overlay]")
+    expect(node(page, "encoder.layer.*.attention.self.value")).to_have_attribute("data-peft-default", "all")
+    note = page.locator("[data-peft-difference]")
+    expect(note).to_have_attribute("data-in-design", "6")
+    expect(note).to_have_attribute("data-not-in-design", "6")
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("query\nvalue"))
+    expect(note).to_have_attribute("data-not-in-design", "0")
+    page.uncheck("[data-peft-overlay]")
+    expect(page.locator("[data-tree] [data-peft-default]")).to_have_count(0)
