@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 from engine import (
+    ModuleNotSupportedError,
     checkpoint_bytes,
     compile_selection,
     estimate_delta,
@@ -58,6 +59,7 @@ class Previewer:
         self._expressions = _LRU()
         self._counts = _LRU()
         self._trainable = _LRU()
+        self._unwrappable = _LRU(64)
 
     def expressions(self, selection: list[str]) -> list[str]:
         key = frozenset(selection)
@@ -89,6 +91,34 @@ class Previewer:
             return found.total, found.checkpoint_bytes
 
         return self._trainable.get(key, estimate)
+
+    def unwrappable(self, method: str | None) -> dict[str, str]:
+        """Collapsed node path → why ``method`` cannot wrap it (its first member checked)."""
+        if method is None or method == UNFREEZE:
+            return {}
+        return self._unwrappable.get(method, lambda: self._check_nodes(method))
+
+    def _check_nodes(self, method: str) -> dict[str, str]:
+        modules = self.loaded.structure.modules
+        result = {}
+        for node in self.loaded.collapsed.root.walk():
+            if node.path and not self.can_wrap(method, node.member_paths[0], modules):
+                result[node.path] = self.why(method, node.member_paths[0], modules)
+        return result
+
+    @staticmethod
+    def can_wrap(method: str, path: str, modules: dict[str, Any]) -> bool:
+        return not Previewer.why(method, path, modules)
+
+    @staticmethod
+    def why(method: str, path: str, modules: dict[str, Any]) -> str:
+        if method == UNFREEZE:
+            return ""
+        try:
+            method_for(method).check_module(path, modules[path])
+        except ModuleNotSupportedError as error:
+            return str(error)
+        return ""
 
     def marks(self, groups: list[Group]) -> dict[str, dict[str, str]]:
         """Collapsed node path → {group id: "full" | "partial"} for the groups touching it."""
@@ -132,6 +162,7 @@ class Previewer:
                 "memory": training_memory(backbone, total, dtype),
             },
             "exports": {"peft": peft_availability(groups)},
+            "unwrappable": self.unwrappable(next((g.method for g in groups if g.id == active), None)),
         }
 
 

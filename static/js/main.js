@@ -65,6 +65,19 @@ socket.on("design_updated", (design) => {
   state.activeId = design.active_group;
   const active = design.groups.find((g) => g.id === design.active_group);
   tree.update(design.marks, design.groups, design.active_group, active ? active.layer_ranges : {});
+  // what the active group's method cannot wrap is dimmed, the reason on hover; a tick there
+  // selects what it can wrap below
+  for (const item of document.querySelectorAll("[data-tree] [data-unwrappable]")) {
+    item.removeAttribute("data-unwrappable");
+    item.firstElementChild.removeAttribute("data-unwrappable-reason");
+  }
+  for (const [path, reason] of Object.entries(design.unwrappable || {})) {
+    const item = document.querySelector(`[data-tree] [data-node-path="${CSS.escape(path)}"]`);
+    if (!item) continue;
+    item.dataset.unwrappable = "true";
+    item.firstElementChild.dataset.unwrappableReason = reason;
+    item.firstElementChild.title = reason;
+  }
   groups.update(design.groups, design.active_group);
   const totals = design.totals;
   $("[data-total-trainable]").textContent = exact(totals.trainable);

@@ -222,3 +222,21 @@ def test_a_tab_forks_its_own_session_and_reconnects_to_it(server):
     assert last(newest, "design_updated")["groups"][0]["expressions"] == ["value"]  # the latest edit's
     exported = http.get(f"/api/design/export?format=json&tab={tab_id}").get_json()
     assert exported["deltas"][0]["modified_modules"] == ["value"]
+
+
+def test_a_tick_on_a_parent_selects_what_the_method_can_wrap_below_it(server):
+    _, client = connect(*server)
+    design = last(client, "design_updated")
+    group = design["groups"][0]["id"]
+    assert "lora cannot wrap" in design["unwrappable"]["encoder.layer.*.attention"]
+    assert "encoder.layer.*.attention.self.query" not in design["unwrappable"]
+    client.emit("toggle_nodes", {"group_id": group, "paths": ["encoder.layer.*.attention"], "checked": True})
+    design = last(client, "design_updated")
+    assert design["groups"][0]["modules"] == 4 * 12  # query, key, value and the output dense, 12 layers
+    assert design["totals"]["trainable"] == 12 * 4 * 8 * (768 + 768)
+    client.emit("toggle_nodes", {"group_id": group, "paths": ["encoder.layer.*.attention"], "checked": False})
+    assert last(client, "design_updated")["groups"][0]["modules"] == 0
+    client.emit("set_group", {"group_id": group, "method": "adapter"})
+    assert last(client, "design_updated")["unwrappable"] == {}  # an adapter goes after any module
+    client.emit("toggle_nodes", {"group_id": group, "paths": ["encoder.layer.*.attention"], "checked": True})
+    assert last(client, "design_updated")["groups"][0]["expressions"] == ["attention"]

@@ -1,5 +1,6 @@
 """Steps 1–3 of a designer session: choose a backbone, read and navigate the tree, tick."""
 
+import re
 import time
 
 import transformers
@@ -123,3 +124,14 @@ def test_the_peft_defaults_overlay_marks_modules_and_counts_the_difference(desig
     expect(note).to_have_attribute("data-not-in-design", "0")
     page.uncheck("[data-peft-overlay]")
     expect(page.locator("[data-tree] [data-peft-default]")).to_have_count(0)
+
+
+def test_modules_the_method_cannot_wrap_are_dimmed_and_a_parent_tick_selects_below(designer: Page):
+    page = designer
+    attention = node(page, "encoder.layer.*.attention")
+    expect(attention).to_have_attribute("data-unwrappable", "true")
+    expect(attention.locator("> .row")).to_have_attribute("title", re.compile("lora cannot wrap"))
+    expect(node(page, "encoder.layer.*.attention.self.query")).not_to_have_attribute("data-unwrappable", "true")
+    tick(page, "encoder.layer.*.attention")
+    assert number(page, "[data-total-trainable]") == 6 * 4 * 8 * (384 + 384)  # q, k, v, output.dense ×6 layers
+    expect(page.locator('[data-error="selection"]')).to_have_text("")
