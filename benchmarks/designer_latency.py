@@ -4,7 +4,8 @@ Run: .venv/bin/python benchmarks/designer_latency.py [--ticks 100]
 Times are taken inside the page (performance.now and a MutationObserver), so Playwright's own
 polling adds nothing. Targets (issue 4): choose backbone → interactive tree ≤ 1.5 s; tick →
 updated total in the DOM p95 ≤ 50 ms; export JSON ≤ 200 ms; applying a server answer to the DOM
-within one animation frame (16.7 ms).
+within one animation frame (16.7 ms). Issue 12: undo → design restored in the DOM ≤ 50 ms;
+comparing two saved 405B designs ≤ 300 ms.
 """
 
 from __future__ import annotations
@@ -61,11 +62,41 @@ TICK_JS = """async (path) => {
   return { ms: t1 - t0, total: total.textContent };
 }"""
 
+TAB = "sessionStorage.getItem('delta-designer-tab')"
+
 EXPORT_JS = """async () => {
   const t0 = performance.now();
-  const response = await fetch('/api/design/export?format=json');
+  const response = await fetch('/api/design/export?format=json&tab=' + """ + TAB + """);
   const text = await response.text();
   return { ms: performance.now() - t0, bytes: text.length, status: response.status };
+}"""
+
+
+UNDO_JS = """async () => {
+  const before = document.body.dataset.designVersion;
+  const t0 = performance.now();
+  const done = new Promise((resolve) => {
+    const observer = new MutationObserver(() => {
+      if (document.body.dataset.designVersion !== before) { observer.disconnect(); resolve(performance.now()); }
+    });
+    observer.observe(document.body, { attributes: true });
+  });
+  document.querySelector('[data-undo]').click();
+  return { ms: (await done) - t0 };
+}"""
+
+COMPARE_JS = """async (names) => {
+  const headers = { 'Content-Type': 'application/json', 'X-Delta-Tab': """ + TAB + """ };
+  const t0 = performance.now();
+  const response = await fetch(`/api/designs/compare?a=${names[0]}&b=${names[1]}`, { headers });
+  const result = await response.json();
+  return { ms: performance.now() - t0, status: response.status, only_b: result.diff && result.diff.only_b };
+}"""
+
+SAVE_JS = """async (name) => {
+  const headers = { 'Content-Type': 'application/json', 'X-Delta-Tab': """ + TAB + """ };
+  const response = await fetch('/api/designs', { method: 'POST', headers, body: JSON.stringify({ name }) });
+  return response.status;
 }"""
 
 
@@ -102,6 +133,12 @@ def main() -> None:
             page.evaluate(TICK_JS, paths[0])  # leave q_proj ticked for the export
             exports = [page.evaluate(EXPORT_JS) for _ in range(10)]
             assert all(e["status"] == 200 for e in exports)
+            assert page.evaluate(SAVE_JS, "bench-q") == 200
+            page.evaluate(TICK_JS, paths[1])  # q and v
+            assert page.evaluate(SAVE_JS, "bench-qv") == 200
+            compares = [page.evaluate(COMPARE_JS, ["bench-q", "bench-qv"]) for _ in range(5)]
+            assert all(c["status"] == 200 and c["only_b"] == 126 for c in compares), compares
+            undos = [page.evaluate(UNDO_JS)["ms"] for _ in range(20)]
             apply_ms = page.evaluate("window.deltaDesigner.state.applyMs")
             browser.close()
     finally:
@@ -123,6 +160,8 @@ def main() -> None:
     row(f"tick → total updated in the DOM ({len(ticks)} ticks)", ticks, 50)
     row("server answer → DOM applied", apply_ms[-len(ticks):], 16.7)
     row("export JSON (10 requests)", [e["ms"] for e in exports], 200)
+    row("undo → design restored in the DOM (20 undos)", undos, 50)
+    row("compare two saved 405B designs (5 requests)", [c["ms"] for c in compares], 300)
     console = Console(width=120)
     console.print(table)
     console.print(f"totals seen while ticking: {sorted(totals)}; median of ticks "

@@ -15,7 +15,9 @@ def kill_after_a_write(context: Any, target: Callable[..., None], args: Sequence
                        delay: float) -> int:
     """Start ``target(*args, done)`` in a child of ``context``; once it has counted one more
     completed write in ``done``, let it run ``delay`` seconds, SIGKILL it, and return the count of
-    completed writes. A child that never completes a write fails the test."""
+    completed writes. A child that never completes a write fails the test. ``done`` must be a
+    lock-free shared value (``lock=False``): a child killed while holding a lock would leave it
+    held, and the next read here would wait for ever."""
     child = context.Process(target=target, args=(*args, done))
     child.start()
     started, deadline = done.value, time.monotonic() + 120
