@@ -213,7 +213,7 @@ class DesignSession(Undoable):
             if typed:
                 try:
                     edited.selection = resolve(loaded.twin_tree, expand_common_names(
-                        loaded.twin, typed, typed=not roles)).paths
+                        loaded.structure, typed, typed=not roles)).paths
                 except DeltaError as error:
                     raise PayloadError(str(error), "expressions") from error
             else:
@@ -280,9 +280,9 @@ class DesignSession(Undoable):
             groups = []
             for index, config in enumerate(design.deltas, start=1):
                 selection = resolve(loaded.twin_tree, expand_common_names(
-                    loaded.twin, config.modified_modules or method_for(config.delta_type).default_modified_modules,
+                    loaded.structure, config.modified_modules or method_for(config.delta_type).default_modified_modules,
                     typed=bool(config.modified_modules)),
-                    expand_common_names(loaded.twin, config.exclude_modules)).paths
+                    expand_common_names(loaded.structure, config.exclude_modules)).paths
                 values = config.to_dict()
                 hyper = {k: values[k] for k in default_hyperparameters(config.delta_type)}
                 groups.append(Group(f"g{self._counter + index}", str(config.name), config.delta_type,

@@ -38,7 +38,10 @@ class LoadedBackbone:
     structure: ModelStructure = field(init=False)
 
     def __post_init__(self) -> None:
+        # computed now, before any session shares it: later reads never walk the live model (a
+        # meta backbone is its own twin, and a build attaches deltas to it meanwhile)
         self.structure = ModelStructure(self.twin, self.twin_tree)
+        _ = self.structure.modules, self.structure.roles
 
     @property
     def parameter_bytes(self) -> int:

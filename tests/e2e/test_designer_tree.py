@@ -132,6 +132,9 @@ def test_modules_the_method_cannot_wrap_are_dimmed_and_a_parent_tick_selects_bel
     expect(attention).to_have_attribute("data-unwrappable", "true")
     expect(attention.locator("> .row")).to_have_attribute("title", re.compile("lora cannot wrap"))
     expect(node(page, "encoder.layer.*.attention.self.query")).not_to_have_attribute("data-unwrappable", "true")
-    tick(page, "encoder.layer.*.attention")
+    # a click, not set_checked: the box itself stays unticked (the block is not selected, the
+    # projections inside it are), which set_checked would take for a failed click
+    box = attention.locator("> .row [data-node-check]")
+    wait_update(page, lambda: box.click())
     assert number(page, "[data-total-trainable]") == 6 * 4 * 8 * (384 + 384)  # q, k, v, output.dense ×6 layers
     expect(page.locator('[data-error="selection"]')).to_have_text("")
