@@ -46,9 +46,8 @@ LOAD_JS = """async (source) => {
   return { tree: ready - t0, interactive: performance.now() - t0 };
 }"""
 
-TICK_JS = """async (path) => {
-  const box = document.querySelector(`[data-node-path="${path}"] > .row [data-node-check]`);
-  const total = document.querySelector('[data-total-trainable]');
+#: JS: the time of the next design_updated applied to the page (after ``t0``, by the action that follows)
+NEXT_VERSION = """
   const before = document.body.dataset.designVersion;
   const t0 = performance.now();
   const done = new Promise((resolve) => {
@@ -56,7 +55,11 @@ TICK_JS = """async (path) => {
       if (document.body.dataset.designVersion !== before) { observer.disconnect(); resolve(performance.now()); }
     });
     observer.observe(document.body, { attributes: true });
-  });
+  });"""
+
+TICK_JS = """async (path) => {
+  const box = document.querySelector(`[data-node-path="${path}"] > .row [data-node-check]`);
+  const total = document.querySelector('[data-total-trainable]');""" + NEXT_VERSION + """
   box.click();
   const t1 = await done;
   return { ms: t1 - t0, total: total.textContent };
@@ -72,15 +75,7 @@ EXPORT_JS = """async () => {
 }"""
 
 
-UNDO_JS = """async () => {
-  const before = document.body.dataset.designVersion;
-  const t0 = performance.now();
-  const done = new Promise((resolve) => {
-    const observer = new MutationObserver(() => {
-      if (document.body.dataset.designVersion !== before) { observer.disconnect(); resolve(performance.now()); }
-    });
-    observer.observe(document.body, { attributes: true });
-  });
+UNDO_JS = """async () => {""" + NEXT_VERSION + """
   document.querySelector('[data-undo]').click();
   return { ms: (await done) - t0 };
 }"""

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from designer.compare import compare
 from designer.exports import design_document
 from designer.named import NamedDesigns
-from designer.payloads import PayloadError
+from designer.payloads import DesignBody, PayloadError, parse
 from designer.views import current_session, notify
 from engine import Design
 
@@ -26,6 +26,13 @@ def _body() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise PayloadError("the body must be a JSON object")
     return body
+
+
+def _saved(name: str) -> dict[str, Any]:
+    """A saved design, held to the same bounds as an imported one (the file may be hand-made)."""
+    document = _designs().read(name)
+    parse(DesignBody, document, f"design {name!r}")
+    return document
 
 
 def _listing() -> Response:
@@ -47,7 +54,7 @@ def save() -> Response:
 @api.post("/api/designs/<name>/open")
 def open_design(name: str) -> Response:
     """Open a saved design in this tab; one made for another backbone says which, and changes nothing."""
-    document = _designs().read(name)
+    document = _saved(name)
     session = current_session()
     loaded, _ = session.require()
     source = (document.get("backbone") or {}).get("source")
@@ -64,7 +71,7 @@ def compare_designs() -> Response:
     names = [request.args.get("a"), request.args.get("b")]
     if any(not name for name in names) or names[0] == names[1]:
         raise PayloadError("compare needs two different saved designs: ?a=NAME&b=NAME", "compare")
-    return jsonify(compare(current_session(), {name: _designs().read(name) for name in names}))
+    return jsonify(compare(current_session(), {name: _saved(name) for name in names}))
 
 
 @api.post("/api/designs/<name>/rename")

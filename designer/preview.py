@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
+from designer.payloads import PayloadError
 from engine import (
     ModuleNotSupportedError,
     checkpoint_bytes,
@@ -105,6 +106,19 @@ class Previewer:
             if node.path and not self.can_wrap(method, node.member_paths[0], modules):
                 result[node.path] = self.why(method, node.member_paths[0], modules)
         return result
+
+    def wrappable(self, method: str, paths: list[str]) -> list[str]:
+        """``paths`` where the method can wrap them; else their descendants it can wrap (a tick on
+        a layer or an attention block selects the projections LoRA wraps, say)."""
+        modules = self.loaded.structure.modules
+        if all(self.can_wrap(method, p, modules) for p in paths):
+            return paths
+        prefixes = tuple(p + "." for p in paths)
+        below = [p for p in self.loaded.tree.paths if p.startswith(prefixes) and self.can_wrap(method, p, modules)]
+        if not below:  # a tick that selects nothing is an error, never a silent no-op
+            blocked = next(p for p in paths if not self.can_wrap(method, p, modules))
+            raise PayloadError(f"{self.why(method, blocked, modules)} (nor any module inside it)", "selection")
+        return below
 
     @staticmethod
     def can_wrap(method: str, path: str, modules: dict[str, Any]) -> bool:

@@ -177,31 +177,17 @@ class DesignSession(Undoable):
     def toggle_nodes(self, group_id: str, node_paths: list[str], checked: bool) -> None:
         """Tick or untick collapsed nodes: every member module, within the group's layer ranges."""
         with self.lock:
-            loaded, _ = self.require()
+            loaded, preview = self.require()
             edited = copy.deepcopy(self.group(group_id))
             chosen = set(edited.selection)
             for node_path in node_paths:
                 paths = self._members_in_range(edited, node_path)
                 if checked:
-                    chosen |= set(self._wrappable(edited.method, paths))
+                    chosen |= set(preview.wrappable(edited.method, paths))
                 else:  # unticking a parent also drops the descendants its tick chose
                     chosen = {p for p in chosen if not any(p == q or p.startswith(q + ".") for q in paths)}
             edited.selection = [p for p in loaded.tree.paths if p in chosen]
             self._replace(edited)
-
-    def _wrappable(self, method: str, paths: list[str]) -> list[str]:
-        """``paths`` where the method can wrap them; else their descendants it can wrap (a tick on
-        a layer or an attention block selects the projections LoRA wraps, say)."""
-        loaded, preview = self.require()
-        modules = loaded.structure.modules
-        if all(preview.can_wrap(method, p, modules) for p in paths):
-            return paths
-        prefixes = tuple(p + "." for p in paths)
-        below = [p for p in loaded.tree.paths if p.startswith(prefixes) and preview.can_wrap(method, p, modules)]
-        if not below:  # a tick that selects nothing is an error, never a silent no-op
-            blocked = next(p for p in paths if not preview.can_wrap(method, p, modules))
-            raise PayloadError(f"{preview.why(method, blocked, modules)} (nor any module inside it)", "selection")
-        return below
 
     def set_expressions(self, group_id: str, expressions: list[str], *, roles: bool = False) -> None:
         """Replace a group's selection by what typed expressions resolve to (errors change nothing).

@@ -32,8 +32,7 @@ from engine.roles import IOSizes, ModelStructure, declared_sizes, expand_common_
 from engine.roles.kinds import mixture_sizes
 from engine.routing import RouteHandle, attach_route
 from engine.sizing import probe_sizes
-from engine.statistics import inspect_module_statistics
-from engine.visualize import Visualization
+from engine.statistics import log_delta
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 logger = logging.getLogger(__name__)
@@ -338,34 +337,8 @@ class DeltaBase(Planning, nn.Module):
         the ratios OpenDelta's ``log`` prints — each part can be turned off as there — and return
         the counts: this delta's ``trainable_parameters``, ``modules`` and ``percent_of_backbone``,
         plus :func:`~engine.statistics.inspect_module_statistics` of ``module``."""
-        if not isinstance(module, (nn.Module, type(None))):
-            raise ConfigError(f"log(module=...) takes the module to show, got a {type(module).__name__} "
-                              "(pass a rich Console as console=...)")
-        module = self.backbone_model if module is None else module
-        console = console or Console()
-        if visualization:
-            Visualization(module).structure_graph(console=console)
-        stat = inspect_module_statistics(module, verbose=False)
-        trainable = self.num_trainable_parameters()
-        backbone_total = stat["total_parameters"] - stat["delta_parameters"]
-        percent = 100.0 * trainable / max(backbone_total, 1)
-        console.print(
-            f"{self.name} ({self.delta_type}) on {len(self.modified_paths)} modules: "
-            f"{trainable:,} trainable parameters, {percent:.4f}% of the backbone",
-            highlight=False,
-        )
-        if trainable_ratio:
-            console.print(f"Trainable Ratio: {stat['trainable_parameters']:,}/{stat['total_parameters']:,}"
-                          f"={100 * stat['trainable_ratio']:.6f}%", highlight=False)
-        if delta_ratio:
-            console.print(f"Delta Parameter Ratio: {stat['delta_parameters']:,}/{stat['total_parameters']:,}"
-                          f"={100 * stat['delta_ratio']:.6f}%", highlight=False)
-        if cuda_memory and torch.cuda.is_available():
-            console.print(f"Static Memory {stat['cudamem']:.2f} GB, Max Memory {stat['maxcudamem']:.2f} GB",
-                          highlight=False)
-        return {"trainable_parameters": trainable, "modules": len(self.modified_paths),
-                "percent_of_backbone": percent, **{k: v for k, v in stat.items() if k != "trainable_parameters"},
-                "total_trainable_parameters": stat["trainable_parameters"]}
+        return log_delta(self, module, delta_ratio=delta_ratio, trainable_ratio=trainable_ratio,
+                         visualization=visualization, cuda_memory=cuda_memory, console=console)
 
     # --- merging (methods that can override) -----------------------------------------------
 

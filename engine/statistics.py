@@ -7,12 +7,18 @@ models too. "Delta" parameters are those inside delta modules attached to the mo
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from rich.console import Console
 from torch import nn
 
+from engine.errors import ConfigError
 from engine.quantization import logical_shape
+from engine.visualize import Visualization
+
+if TYPE_CHECKING:
+    from engine.delta import DeltaBase
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +73,34 @@ def inspect_optimizer_statistics(optimizer: torch.optim.Optimizer, verbose: bool
     if verbose:
         logger.info("optimizer statistics: %s", stats)
     return stats
+
+
+def log_delta(delta: DeltaBase, module: nn.Module | None = None, *, delta_ratio: bool = True,
+              trainable_ratio: bool = True, visualization: bool = True, cuda_memory: bool = True,
+              console: Console | None = None) -> dict[str, Any]:
+    """What :meth:`DeltaBase.log` prints and returns (see there)."""
+    if not isinstance(module, (nn.Module, type(None))):
+        raise ConfigError(f"log(module=...) takes the module to show, got a {type(module).__name__} "
+                          "(pass a rich Console as console=...)")
+    module = delta.backbone_model if module is None else module
+    console = console or Console()
+    if visualization:
+        Visualization(module).structure_graph(console=console)
+    stat = inspect_module_statistics(module, verbose=False)
+    trainable = delta.num_trainable_parameters()
+    percent = 100.0 * trainable / max(stat["total_parameters"] - stat["delta_parameters"], 1)
+    console.print(f"{delta.name} ({delta.delta_type}) on {len(delta.modified_paths)} modules: "
+                  f"{trainable:,} trainable parameters, {percent:.4f}% of the backbone", highlight=False)
+    total = f"{stat['total_parameters']:,}"
+    if trainable_ratio:
+        console.print(f"Trainable Ratio: {stat['trainable_parameters']:,}/{total}"
+                      f"={100 * stat['trainable_ratio']:.6f}%", highlight=False)
+    if delta_ratio:
+        console.print(f"Delta Parameter Ratio: {stat['delta_parameters']:,}/{total}"
+                      f"={100 * stat['delta_ratio']:.6f}%", highlight=False)
+    if cuda_memory and torch.cuda.is_available():
+        console.print(f"Static Memory {stat['cudamem']:.2f} GB, Max Memory {stat['maxcudamem']:.2f} GB",
+                      highlight=False)
+    return {"trainable_parameters": trainable, "modules": len(delta.modified_paths),
+            "percent_of_backbone": percent, **{k: v for k, v in stat.items() if k != "trainable_parameters"},
+            "total_trainable_parameters": stat["trainable_parameters"]}

@@ -116,3 +116,14 @@ def test_peft_default_targets_and_their_difference_from_the_design(client):
     assert found["count"] == 24 and found["marks"] == {"encoder.layer.*.attention.self.query": "all",
                                                          "encoder.layer.*.attention.self.value": "all"}
     assert (found["in_design"], found["not_in_design"], found["design_only"]) == (12, 12, 12)
+
+
+def test_a_hand_made_saved_design_is_held_to_the_import_bounds(client, tmp_path):
+    client.post("/api/design/import", json=QV)
+    client.post("/api/designs", json={"name": "fine"})
+    huge = {"format": "delta-design/1", "deltas": [
+        {"delta_type": "lora", "name": f"d{i}", "modified_modules": ["query"]} for i in range(5000)]}
+    (tmp_path / "designs" / "huge.json").write_text(json.dumps(huge))
+    for response in (client.post("/api/designs/huge/open"), client.get("/api/designs/compare?a=fine&b=huge")):
+        assert response.status_code == 400 and "deltas" in response.get_json()["error"]
+    assert _expressions(client) == [["query", "value"]]
