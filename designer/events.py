@@ -3,7 +3,9 @@ add_group, remove_group, select_group, set_expressions, set_layers, set_dtype, u
 load_progress, backbone_loaded, design_updated, error.
 
 Every payload is validated; a bad one gets an ``error`` event naming the field, never a
-traceback, and the design stays as it was.
+traceback, and the design stays as it was. Events may carry ``seq`` (the client's count): the
+answer echoes it, and ``design_updated`` carries the session's ``version`` (newer is larger) and
+``server_ms`` (how long the server took), so a page never shows an older design over a newer one.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def backbone_message(session: DesignSession) -> dict[str, Any]:
 
 def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
     sessions: dict[str, DesignSession] = {}
+    #: the last sequence number each connection sent (events on one connection run in order)
+    last_seq: dict[str, int] = {}
 
     def current() -> DesignSession:
         session = sessions.get(request.sid)  # type: ignore[attr-defined]
@@ -50,9 +54,21 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
 
     def report(error: Exception, event: str, payload: Any) -> None:
         group = payload.get("group_id") if isinstance(payload, dict) else None
+        seq = payload.get("seq") if isinstance(payload, dict) and type(payload.get("seq")) is int else None
         field = getattr(error, "field", None)
         socketio.emit("error", {"event": event, "message": str(error), "field": field,
-                                "group_id": group}, to=request.sid)  # type: ignore[attr-defined]
+                                "group_id": group, "seq": seq}, to=request.sid)  # type: ignore[attr-defined]
+
+    def in_order(message: p.Message, event: str) -> None:
+        """Refuse an event whose sequence number is not after the connection's last one."""
+        if message.seq is None:
+            return
+        sid = request.sid  # type: ignore[attr-defined]
+        last = last_seq.get(sid)
+        if last is not None and message.seq <= last:
+            raise p.PayloadError(f"{event}: event number {message.seq} came after number {last}; "
+                                 "events are applied in the order sent, so this one was not", "seq")
+        last_seq[sid] = message.seq
 
     def handler(event: str, schema: type[p.Message]) -> Callable[[Callable[[DesignSession, Any], None]], None]:
         """Register ``event``: validate against ``schema``, run, then send the design to the
@@ -61,11 +77,16 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
         def wrap(function: Callable[[DesignSession, Any], None]) -> None:
             @functools.wraps(function)
             def run(payload: Any = None) -> None:
+                started = time.perf_counter()
                 try:
                     session = current()
-                    function(session, p.parse(schema, payload, event))
+                    message = p.parse(schema, payload, event)
+                    in_order(message, event)
+                    function(session, message)
                     store.edited(session)
-                    socketio.emit("design_updated", session.snapshot(), to=session.id)
+                    answer = {**session.snapshot(), "seq": message.seq,
+                              "server_ms": round((time.perf_counter() - started) * 1e3, 3)}
+                    socketio.emit("design_updated", answer, to=session.id)
                 except (p.PayloadError, DeltaError) as error:
                     report(error, event, payload)
                 except Exception as error:  # noqa: BLE001 - the server must stay up
@@ -102,6 +123,7 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
 
     @socketio.on("disconnect")
     def disconnect(*_: Any) -> None:
+        last_seq.pop(request.sid, None)  # type: ignore[attr-defined]
         session = sessions.pop(request.sid, None)  # type: ignore[attr-defined]
         if session is not None:
             store.connected(session.id, -1)
@@ -110,7 +132,9 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
     def load_backbone(payload: Any = None) -> None:
         try:
             session = current()
-            source = p.parse(p.LoadBackbone, payload, "load_backbone").source  # type: ignore[attr-defined]
+            message = p.parse(p.LoadBackbone, payload, "load_backbone")
+            in_order(message, "load_backbone")
+            source = message.source  # type: ignore[attr-defined]
         except p.PayloadError as error:
             report(error, "load_backbone", payload)
             return

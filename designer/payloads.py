@@ -45,10 +45,18 @@ class PayloadError(ValueError):
         self.field = field
 
 
+#: largest client sequence number (JavaScript's largest exact integer)
+MAX_SEQ = 2**53 - 1
+
+
 class Message(BaseModel):
-    """Fields a client did not send are absent; unknown extra fields are ignored."""
+    """Fields a client did not send are absent; unknown extra fields are ignored. ``seq`` is the
+    client's count of the events it sent on this connection: the server refuses one that does not
+    come after the last, and echoes it in the answer."""
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    seq: Annotated[int, Field(ge=0, le=MAX_SEQ)] | None = None
 
 
 class ToggleNodes(Message):

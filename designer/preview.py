@@ -24,7 +24,7 @@ from engine import (
 )
 
 if TYPE_CHECKING:
-    from designer.session import Group
+    from designer.group import Group
     from designer.state import LoadedBackbone
 
 UNFREEZE = "unfreeze"
@@ -61,6 +61,8 @@ class Previewer:
         self._counts = _LRU()
         self._trainable = _LRU()
         self._unwrappable = _LRU(64)
+        self._wrappable = _LRU(64)
+        self._marks = _LRU()
 
     def expressions(self, selection: list[str]) -> list[str]:
         key = frozenset(selection)
@@ -107,16 +109,25 @@ class Previewer:
                 result[node.path] = self.why(method, node.member_paths[0], modules)
         return result
 
+    def _wrappable_paths(self, method: str) -> frozenset[str]:
+        """Every module path ``method`` can wrap on this backbone (checked once per method)."""
+        modules = self.loaded.structure.modules
+        return self._wrappable.get(method, lambda: frozenset(
+            p for p in self.loaded.tree.paths if p in modules and self.can_wrap(method, p, modules)))
+
     def wrappable(self, method: str, paths: list[str]) -> list[str]:
         """``paths`` where the method can wrap them; else their descendants it can wrap (a tick on
         a layer or an attention block selects the projections LoRA wraps, say)."""
-        modules = self.loaded.structure.modules
-        if all(self.can_wrap(method, p, modules) for p in paths):
+        if method == UNFREEZE:
+            return paths
+        allowed = self._wrappable_paths(method)
+        if all(p in allowed for p in paths):
             return paths
         prefixes = tuple(p + "." for p in paths)
-        below = [p for p in self.loaded.tree.paths if p.startswith(prefixes) and self.can_wrap(method, p, modules)]
+        below = [p for p in self.loaded.tree.paths if p in allowed and p.startswith(prefixes)]
         if not below:  # a tick that selects nothing is an error, never a silent no-op
-            blocked = next(p for p in paths if not self.can_wrap(method, p, modules))
+            modules = self.loaded.structure.modules
+            blocked = next(p for p in paths if p not in allowed)
             raise PayloadError(f"{self.why(method, blocked, modules)} (nor any module inside it)", "selection")
         return below
 
@@ -138,17 +149,24 @@ class Previewer:
         """Collapsed node path → {group id: "full" | "partial"} for the groups touching it."""
         marks: dict[str, dict[str, str]] = {}
         for group in groups:
-            selected = set(group.selection)
-            ancestors = {p.rsplit(".", i)[0] for p in selected for i in range(1, p.count(".") + 1)}
-            for node in self.loaded.collapsed.root.walk():
-                if not node.path:
-                    continue
-                members = node.member_paths
-                hits = sum(1 for m in members if m in selected)
-                if hits == len(members):
-                    marks.setdefault(node.path, {})[group.id] = "full"
-                elif hits or any(m in ancestors for m in members):
-                    marks.setdefault(node.path, {})[group.id] = "partial"
+            key = frozenset(group.selection)
+            for path, kind in self._marks.get(key, lambda: self._selection_marks(key)).items():
+                marks.setdefault(path, {})[group.id] = kind
+        return marks
+
+    def _selection_marks(self, selected: frozenset[str]) -> dict[str, str]:
+        """Collapsed node path → "full" | "partial" for one selection."""
+        ancestors = {p.rsplit(".", i)[0] for p in selected for i in range(1, p.count(".") + 1)}
+        marks = {}
+        for node in self.loaded.collapsed.root.walk():
+            if not node.path:
+                continue
+            members = node.member_paths
+            hits = sum(1 for m in members if m in selected)
+            if hits == len(members):
+                marks[node.path] = "full"
+            elif hits or any(m in ancestors for m in members):
+                marks[node.path] = "partial"
         return marks
 
     def snapshot(self, groups: list[Group], dtype: str, active: str | None) -> dict[str, Any]:

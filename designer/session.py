@@ -11,9 +11,9 @@ import copy
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from designer.group import Group
 from designer.history import History, Shelf, Undoable
 from designer.payloads import MAX_GROUPS, PayloadError
 from designer.preview import UNFREEZE, Previewer, default_hyperparameters
@@ -21,7 +21,6 @@ from designer.state import LoadedBackbone
 from engine import (
     DTYPE_BYTES,
     ConfigError,
-    DeltaConfig,
     DeltaError,
     Design,
     TreeNode,
@@ -33,29 +32,6 @@ from engine import (
 )
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-@dataclass
-class Group:
-    """A delta group (one method on a selection of modules) or the 'unfreeze' group."""
-
-    id: str
-    name: str
-    method: str
-    route: str | None
-    hyperparameters: dict[str, Any]
-    selection: list[str] = field(default_factory=list)
-    layer_ranges: dict[str, list[int]] = field(default_factory=dict)
-
-    def config(self, expressions: list[str]) -> DeltaConfig:
-        config_class = method_for(self.method).config_class
-        return config_class.from_dict({**self.hyperparameters, "route": self.route, "name": self.name,
-                                       "modified_modules": expressions})
-
-    def public(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "method": self.method, "route": self.route,
-                "hyperparameters": self.hyperparameters,
-                "layer_ranges": {k: format_indices(v) for k, v in self.layer_ranges.items()}}
 
 
 class DesignSession(Undoable):
@@ -71,6 +47,8 @@ class DesignSession(Undoable):
         self.lock = threading.RLock()
         self._save = save
         self._counter = 0
+        #: counts snapshots sent: a page shows a design only if it is newer than the one it shows
+        self._version = 0
         #: undo/redo of this backbone's design; the designs of the other backbones shown before
         self.history = History()
         self.shelf = Shelf()
@@ -185,7 +163,8 @@ class DesignSession(Undoable):
                 if checked:
                     chosen |= set(preview.wrappable(edited.method, paths))
                 else:  # unticking a parent also drops the descendants its tick chose
-                    chosen = {p for p in chosen if not any(p == q or p.startswith(q + ".") for q in paths)}
+                    roots = set(paths)
+                    chosen = {p for p in chosen if not _within(p, roots)}
             edited.selection = [p for p in loaded.tree.paths if p in chosen]
             self._replace(edited)
 
@@ -229,7 +208,8 @@ class DesignSession(Undoable):
                 for prefix in node.member_paths:
                     if path == prefix or path.startswith(prefix + "."):
                         tails.add(path[len(prefix):])
-            inside = {p for p in edited.selection if any(p == q or p.startswith(q + ".") for q in node.member_paths)}
+            members = set(node.member_paths)
+            inside = {p for p in edited.selection if _within(p, members)}
             chosen = (set(edited.selection) - inside) | {prefixes[i] + t for i in layers for t in tails}
             edited.selection = [p for p in loaded.tree.paths if p in chosen]
             edited.layer_ranges = {**edited.layer_ranges, node_path: layers}
@@ -284,7 +264,9 @@ class DesignSession(Undoable):
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             _, preview = self.require()
-            return {**preview.snapshot(self.groups, self.dtype, self.active), "history": self.history.counts()}
+            self._version += 1
+            return {**preview.snapshot(self.groups, self.dtype, self.active), "history": self.history.counts(),
+                    "version": self._version}
 
     def state(self) -> dict[str, Any]:
         """What the autosave file holds (selections as compiled expressions), with the designs
@@ -375,6 +357,12 @@ class DesignSession(Undoable):
     def _commit(self) -> None:
         self.history.record(self._snapshot())
         self._save(self.state())
+
+
+def _within(path: str, roots: set[str]) -> bool:
+    """``path`` is one of ``roots`` or inside one (checks its ancestors: O(depth), not O(roots))."""
+    parts = path.split(".")
+    return any(".".join(parts[:end]) in roots for end in range(1, len(parts) + 1))
 
 
 def _field_of(error: Exception, group: Group) -> str:

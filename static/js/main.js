@@ -13,12 +13,15 @@ const socket = io({
   transports: ["websocket", "polling"],
   auth: (reply) => reply(tabId() ? { tab: tabId() } : { fork: true }),
 });
-const state = { design: null, activeId: null, backbones: null, applyMs: [] };
+const state = { design: null, activeId: null, backbones: null, applyMs: [], seq: 0, version: 0 };
 window.deltaDesigner = { state, socket };  // for tests and the curious
 
+// every event carries the next sequence number: the server applies them in that order, and
+// answers carry the design's version, so an older answer never replaces a newer design
 function send(event, payload = {}) {
   clearErrors($("[data-groups]"));
-  socket.emit(event, payload);
+  state.seq += 1;
+  socket.emit(event, { ...payload, seq: state.seq });
 }
 
 const tree = new TreeView($("[data-tree]"), {
@@ -30,6 +33,7 @@ const groups = new GroupsView($("[data-groups]"), send);
 // --- server events ---------------------------------------------------------------------------
 
 socket.on("hello", (message) => {
+  state.version = 0;  // a new connection (perhaps to a restarted server) counts versions afresh
   sessionStorage.setItem(TAB_KEY, message.tab);
   for (const link of document.querySelectorAll("[data-export]")) {
     const url = new URL(link.getAttribute("href"), location.href);
@@ -60,7 +64,9 @@ socket.on("backbone_loaded", (message) => {
 });
 
 socket.on("design_updated", (design) => {
+  if (design.version <= state.version) return;  // an answer older than the design shown
   const started = performance.now();
+  state.version = design.version;
   state.design = design;
   state.activeId = design.active_group;
   const active = design.groups.find((g) => g.id === design.active_group);
@@ -140,7 +146,7 @@ $("[data-backbone-form]").addEventListener("submit", (event) => {
   const value = $("[data-backbone-input]").value.trim();
   if (kind !== "default" && !value) { showError(document, "backbone", "type a name or a path first"); return; }
   const source = { default: "minilm", catalog: `catalog:${value}`, arch: `arch:${value}`, dir: value }[kind];
-  socket.emit("load_backbone", { source });
+  send("load_backbone", { source });
 });
 
 // --- search, dtype, groups -------------------------------------------------------------------

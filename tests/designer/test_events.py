@@ -240,3 +240,33 @@ def test_a_tick_on_a_parent_selects_what_the_method_can_wrap_below_it(server):
     assert last(client, "design_updated")["unwrappable"] == {}  # an adapter goes after any module
     client.emit("toggle_nodes", {"group_id": group, "paths": ["encoder.layer.*.attention"], "checked": True})
     assert last(client, "design_updated")["groups"][0]["expressions"] == ["attention"]
+
+
+def test_events_carry_sequence_numbers_and_answers_carry_versions(server):
+    _, client = connect(*server)
+    design = last(client, "design_updated")
+    group, version = design["groups"][0]["id"], design["version"]
+    query = "encoder.layer.*.attention.self.query"
+    client.emit("toggle_nodes", {"group_id": group, "paths": [query], "checked": True, "seq": 1})
+    answer = last(client, "design_updated")
+    assert answer["seq"] == 1 and answer["version"] > version and answer["server_ms"] >= 0
+    assert answer["totals"]["trainable"] == 147_456
+    # an event numbered at or below the last one arrived out of order: refused, nothing changes
+    for stale in (1, 0):
+        client.emit("toggle_nodes", {"group_id": group, "paths": [query], "checked": False, "seq": stale})
+        error = last(client, "error")
+        assert error["field"] == "seq" and error["seq"] == stale and "came after number 1" in error["message"]
+    client.emit("toggle_nodes", {"group_id": group, "paths": [query], "checked": False, "seq": 2 ** 53})
+    assert "less than or equal to" in last(client, "error")["message"]
+    client.emit("select_group", {"group_id": group, "seq": 2})
+    later = last(client, "design_updated")
+    assert later["seq"] == 2 and later["version"] > answer["version"]
+    assert later["totals"]["trainable"] == 147_456  # the refused unticks changed nothing
+    client.emit("undo", {"seq": 7})  # gaps are fine: only the order counts
+    assert last(client, "design_updated")["totals"]["trainable"] == 0
+    # a second connection to the same session numbers its own events
+    app, socketio = server
+    again = socketio.test_client(app, flask_test_client=client.flask_test_client)
+    again.emit("redo", {"seq": 1})
+    assert last(again, "design_updated")["totals"]["trainable"] == 147_456
+

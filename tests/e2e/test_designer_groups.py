@@ -195,6 +195,25 @@ def test_undo_and_redo_by_button_and_keyboard(designer: Page):
     assert page.locator("body").get_attribute("data-design-version") == before
 
 
+
+def test_an_older_answer_never_replaces_a_newer_design(designer: Page):
+    page = designer
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("query"))
+    chosen = number(page, "[data-total-trainable]")
+    sent = page.evaluate("window.deltaDesigner.state.seq")
+    assert sent >= 1  # the page numbers what it sends
+    # an answer that arrives late, older than the design shown (as a slow REST reply can): ignored
+    page.evaluate("""() => {
+        const { state, socket } = window.deltaDesigner;
+        const stale = { ...state.design, version: state.version - 1,
+                        totals: { ...state.design.totals, trainable: 1 } };
+        for (const listener of socket.listeners("design_updated")) listener(stale);
+    }""")
+    assert number(page, "[data-total-trainable]") == chosen
+    wait_update(page, lambda: page.click("[data-add-group]"))  # newer answers still show
+    expect(page.locator("[data-group-id]")).to_have_count(2)
+    assert page.evaluate("window.deltaDesigner.state.seq") == sent + 1
+
 def test_focus_passing_through_a_panel_never_changes_the_active_group(designer: Page):
     page = designer
     wait_update(page, lambda: group(page).locator("[data-expressions]").fill("query"))
