@@ -33,6 +33,12 @@ MAX_HYPERPARAMETERS = 32
 #: most delta groups in one design (the page's and an imported one's)
 MAX_GROUPS = 64
 
+#: the most matching work one request may make the engine do: expressions × modules, an
+#: expression counting one unit per started 64 characters (RE2 matches in linear time, so this
+#: bounds the time: about half a second on a 2-core machine, measured on the 405B shape)
+MAX_MATCH_WORK = 1_000_000
+CHARS_PER_UNIT = 64
+
 Text = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_TEXT)]
 Source = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_SOURCE)]
 
@@ -143,3 +149,16 @@ def parse(model: type[Message], payload: Any, event: str) -> Message:
         field = location[0] if location else None
         shown = location[0] + "".join(f"[{part}]" for part in location[1:]) if location else event
         raise PayloadError(f"{event}: '{shown}' {_problem(error)}", field) from None
+
+
+def check_match_work(modules: int, expressions: list[str], field: str) -> None:
+    """Refuse, before any matching, expressions that would take more than :data:`MAX_MATCH_WORK`
+    to match against ``modules`` modules."""
+    units = sum(1 + len(e) // CHARS_PER_UNIT for e in expressions)
+    if units * modules > MAX_MATCH_WORK:
+        characters = sum(len(e) for e in expressions)
+        raise PayloadError(
+            f"matching {len(expressions):,} expressions ({characters:,} characters) against {modules:,} "
+            f"modules is {units * modules:,} units of work, more than the {MAX_MATCH_WORK:,} one request "
+            "may take; use fewer or shorter expressions (a common name such as attn.q selects a "
+            "projection in every layer)", field)

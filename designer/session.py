@@ -15,7 +15,7 @@ from typing import Any
 
 from designer.group import Group
 from designer.history import History, Shelf, Undoable
-from designer.payloads import MAX_GROUPS, PayloadError
+from designer.payloads import MAX_GROUPS, PayloadError, check_match_work
 from designer.preview import UNFREEZE, Previewer, default_hyperparameters
 from designer.state import LoadedBackbone
 from engine import (
@@ -175,6 +175,7 @@ class DesignSession(Undoable):
             loaded, _ = self.require()
             edited = copy.deepcopy(self.group(group_id))
             typed = [e for e in expressions if e.strip()]
+            check_match_work(len(loaded.tree.paths), typed, "expressions")
             if typed:
                 try:
                     edited.selection = resolve(loaded.twin_tree, expand_common_names(
@@ -241,6 +242,9 @@ class DesignSession(Undoable):
         """Replace the groups by an imported design; its recorded modules must still match."""
         with self.lock:
             loaded, _ = self.require()
+            check_match_work(len(loaded.tree.paths), [
+                *(e for c in design.deltas for e in [*(c.modified_modules or []), *(c.exclude_modules or [])]),
+                *design.unfrozen_modules], "import")
             # planned on the shared twin, nothing attached to it; raises on a recorded mismatch
             _, unfrozen_paths = design.plan(loaded.twin, loaded.structure)
             groups = []
@@ -289,6 +293,8 @@ class DesignSession(Undoable):
         """Rebuild groups from :meth:`state` output (after ``use_backbone``)."""
         with self.lock:
             loaded, _ = self.require()
+            check_match_work(len(loaded.tree.paths), [e for g in state.get("groups", [])
+                                                      for e in g.get("expressions") or []], "design")
             groups = []
             for saved in state.get("groups", []):
                 expressions = saved.get("expressions") or []

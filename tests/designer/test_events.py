@@ -154,6 +154,22 @@ def test_a_corrupt_autosave_is_kept_aside_not_lost(server, tmp_path):
     assert len(kept) == 1 and kept[0].read_text() == "{broken"
 
 
+def test_an_autosave_too_costly_to_match_is_kept_aside_before_matching(server, tmp_path):
+    app, _ = server
+    (tmp_path / "sessions").mkdir()
+    cookie = "B" * 24
+    costly = [f"[r]encoder\\.layer\\.(0|1)\\.attention\\.self\\.query|x{'y' * 900}{i}" for i in range(512)]
+    saved = {"backbone": "catalog:bert-base-uncased", "active": "g1", "dtype": "bfloat16", "counter": 64,
+             "groups": [{"id": f"g{n}", "name": f"lora_{n}", "method": "lora", "route": "parallel",
+                         "hyperparameters": {}, "layer_ranges": {}, "expressions": costly} for n in range(64)]}
+    (tmp_path / "sessions" / f"{cookie}.json").write_text(json.dumps(saved))
+    http = app.test_client()
+    http.set_cookie("delta_designer_session", cookie)
+    assert http.get("/").status_code == 200
+    assert len(list((tmp_path / "sessions").glob(f"{cookie}.unrestorable-*.json"))) == 1
+    assert http.get("/api/design").get_json()["groups"][0]["expressions"] == []  # a fresh design
+
+
 def test_socket_requires_the_token_when_one_is_set(tmp_path):
     app, socketio = create_app({"BACKBONE": "catalog:gpt2", "TOKEN": "s3cret", "WORKSPACE": str(tmp_path)})
     assert not socketio.test_client(app).is_connected()

@@ -152,3 +152,34 @@ def test_a_design_holds_at_most_64_groups(connection):
         client.emit("add_group", {"method": "bitfit"})
     errors = [e["args"][0] for e in client.get_received() if e["name"] == "error"]
     assert errors and errors[-1]["message"] == "a design holds at most 64 groups; remove one first"
+
+
+def test_matching_work_is_bounded_before_the_engine_matches(tmp_path):
+    """Expressions × modules (long expressions counting more) is checked before any matching: a
+    64-group import of 512 long regexes each took 14 s on the 405B shape before the check."""
+    from designer.payloads import MAX_MATCH_WORK
+
+    app, socketio = create_app({"BACKBONE": "catalog:llama-3.1-405b", "WORKSPACE": str(tmp_path)})
+    http = app.test_client()
+    http.get("/")
+    layers = "|".join(str(i) for i in range(126))
+    heavy = [rf"[r]model\.layers\.({layers})\.self_attn\.q_proj|never{i}" for i in range(200)]
+    deltas = [{"delta_type": "lora", "name": f"lora_{g}", "modified_modules": heavy} for g in range(64)]
+    start = time.perf_counter()
+    refused = http.post("/api/design/import", json={"format": "delta-design/1", "deltas": deltas})
+    assert time.perf_counter() - start < 1.0
+    assert refused.status_code == 400 and refused.get_json()["field"] == "import"
+    error = refused.get_json()["error"]
+    assert f"more than the {MAX_MATCH_WORK:,} one request may take" in error and "1,644 modules" in error
+    assert http.get("/api/design").get_json()["groups"][0]["name"] == "lora_1"  # nothing changed
+
+    client = socketio.test_client(app, flask_test_client=http)
+    group = [e for e in client.get_received() if e["name"] == "design_updated"][-1]["args"][0]["groups"][0]["id"]
+    client.emit("set_expressions", {"group_id": group, "expressions": heavy})
+    errors = [e["args"][0] for e in client.get_received() if e["name"] == "error"]
+    assert len(errors) == 1 and errors[0]["field"] == "expressions" and "units of work" in errors[0]["message"]
+    start = time.perf_counter()  # within the budget, the same kind of work is answered in time
+    client.emit("set_expressions", {"group_id": group, "expressions": heavy[:60]})
+    answer = [e for e in client.get_received() if e["name"] in ("design_updated", "error")]
+    assert time.perf_counter() - start < 1.0
+    assert answer[-1]["name"] == "design_updated" and answer[-1]["args"][0]["totals"]["trainable"] > 0
