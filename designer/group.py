@@ -21,6 +21,9 @@ class Group:
     hyperparameters: dict[str, Any]
     selection: list[str] = field(default_factory=list)
     layer_ranges: dict[str, list[int]] = field(default_factory=dict)
+    #: the expressions the user typed or imported (``attn.q`` stays ``attn.q``), shown and exported
+    #: while the selection is exactly what they select; a tick or a layer range clears them
+    typed: list[str] = field(default_factory=list)
 
     def config(self, expressions: list[str]) -> DeltaConfig:
         config_class = method_for(self.method).config_class
@@ -31,7 +34,7 @@ class Group:
         """A copy no later edit reaches, made fast: paths are immutable strings, so the lists are
         copied shallowly (undo snapshots and every edit copy groups of thousands of paths)."""
         return Group(self.id, self.name, self.method, self.route, copy.deepcopy(self.hyperparameters, memo),
-                     list(self.selection), {k: list(v) for k, v in self.layer_ranges.items()})
+                     list(self.selection), {k: list(v) for k, v in self.layer_ranges.items()}, list(self.typed))
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "method": self.method, "route": self.route,

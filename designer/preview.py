@@ -17,6 +17,7 @@ from engine import (
     checkpoint_bytes,
     compile_selection,
     estimate_delta,
+    expand_common_names,
     method_for,
     module_parameters,
     resolve,
@@ -68,11 +69,23 @@ class Previewer:
         key = frozenset(selection)
         return self._expressions.get(key, lambda: compile_selection(self.loaded.twin_tree, selection))
 
-    def match_counts(self, expressions: list[str]) -> dict[str, int]:
+    def shown(self, group: Group) -> list[str]:
+        """The expressions a group is shown and exported with: as typed, else compiled."""
+        return group.typed or self.expressions(group.selection)
+
+    def match_counts(self, expressions: list[str], typed: bool = False) -> dict[str, int]:
+        """Modules each expression matches (``typed``: common names expanded, as typed)."""
         if not expressions:
             return {}
+        if typed:
+            return self._counts.get(("typed", *expressions),
+                                    lambda: {e: len(self.typed_selection([e])) for e in expressions})
         return self._counts.get(tuple(expressions),
                                 lambda: resolve(self.loaded.twin_tree, expressions).counts())
+
+    def typed_selection(self, typed: list[str]) -> list[str]:
+        """The module paths typed expressions select (a real module name beats a common name)."""
+        return resolve(self.loaded.twin_tree, expand_common_names(self.loaded.structure, typed)).paths
 
     def trainable(self, group: Group) -> int:
         """Exact trainable parameters of a group (raises the engine's error if it cannot build)."""
@@ -174,12 +187,13 @@ class Previewer:
         loaded = self.loaded
         rows, total, saved = [], 0, 0
         for group in groups:
-            expressions = self.expressions(group.selection)
+            expressions = self.shown(group)
             trainable, size = self._cost(group)
             total += trainable
             saved += size
             rows.append({**group.public(), "expressions": expressions, "modules": len(group.selection),
-                         "match_counts": self.match_counts(expressions), "trainable": trainable})
+                         "match_counts": self.match_counts(expressions, typed=bool(group.typed)),
+                         "trainable": trainable})
         backbone = loaded.tree.total_parameters
         return {
             "backbone": loaded.summary(),

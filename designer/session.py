@@ -166,6 +166,7 @@ class DesignSession(Undoable):
                     roots = set(paths)
                     chosen = {p for p in chosen if not _within(p, roots)}
             edited.selection = [p for p in loaded.tree.paths if p in chosen]
+            edited.typed = []
             self._replace(edited)
 
     def set_expressions(self, group_id: str, expressions: list[str], *, roles: bool = False) -> None:
@@ -184,6 +185,9 @@ class DesignSession(Undoable):
                     raise PayloadError(str(error), "expressions") from error
             else:
                 edited.selection = []
+            # kept as typed where they mean the same when read back (a quick pick's role names
+            # may not: a module of that name would win there)
+            edited.typed = typed if not roles or self._reads_back(typed, edited.selection) else []
             edited.layer_ranges = {}
             self._replace(edited, field="expressions")
 
@@ -214,6 +218,7 @@ class DesignSession(Undoable):
             chosen = (set(edited.selection) - inside) | {prefixes[i] + t for i in layers for t in tails}
             edited.selection = [p for p in loaded.tree.paths if p in chosen]
             edited.layer_ranges = {**edited.layer_ranges, node_path: layers}
+            edited.typed = []
             if layers == node.members:
                 edited.layer_ranges.pop(node_path)
             self._replace(edited, field="layers")
@@ -230,7 +235,7 @@ class DesignSession(Undoable):
     def design(self) -> Design:
         """The ``Design`` these groups describe (empty groups are left out)."""
         loaded, preview = self.require()
-        deltas = [g.config(preview.expressions(g.selection))
+        deltas = [g.config(preview.shown(g))
                   for g in self.groups if g.selection and g.method != UNFREEZE]
         unfrozen = sorted({p for g in self.groups if g.method == UNFREEZE for p in g.selection},
                           key=loaded.tree.order().__getitem__)
@@ -255,8 +260,9 @@ class DesignSession(Undoable):
                     expand_common_names(loaded.structure, config.exclude_modules)).paths
                 values = config.to_dict()
                 hyper = {k: values[k] for k in default_hyperparameters(config.delta_type)}
+                typed = list(config.modified_modules or []) if not config.exclude_modules else []
                 groups.append(Group(f"g{self._counter + index}", str(config.name), config.delta_type,
-                                    config.route, hyper, selection))
+                                    config.route, hyper, selection, typed=typed))
             self._counter += len(groups)
             if design.unfrozen_modules:
                 self._counter += 1
@@ -285,7 +291,7 @@ class DesignSession(Undoable):
             return {
                 "backbone": self.loaded.source, "active": self.active, "dtype": self.dtype,
                 "counter": self._counter,
-                "groups": [{**g.public(), "expressions": self.preview.expressions(g.selection)}
+                "groups": [{**g.public(), "expressions": self.preview.expressions(g.selection), "typed": g.typed}
                            for g in self.groups],
             }
 
@@ -293,16 +299,18 @@ class DesignSession(Undoable):
         """Rebuild groups from :meth:`state` output (after ``use_backbone``)."""
         with self.lock:
             loaded, _ = self.require()
-            check_match_work(len(loaded.tree.paths), [e for g in state.get("groups", [])
-                                                      for e in g.get("expressions") or []], "design")
+            check_match_work(len(loaded.tree.paths), [str(e) for g in state.get("groups", []) for key in
+                                                      ("expressions", "typed") for e in g.get(key) or []], "design")
             groups = []
             for saved in state.get("groups", []):
                 expressions = saved.get("expressions") or []
                 selection = resolve(loaded.twin_tree, expressions).paths if expressions else []
                 ranges = {k: parse_indices(v, limit=len(loaded.tree.paths))
                           for k, v in (saved.get("layer_ranges") or {}).items()}
+                typed = [str(e) for e in saved["typed"]] if isinstance(saved.get("typed"), list) else []
                 groups.append(Group(saved["id"], saved["name"], saved["method"], saved.get("route"),
-                                    dict(saved.get("hyperparameters") or {}), selection, ranges))
+                                    dict(saved.get("hyperparameters") or {}), selection, ranges,
+                                    typed if typed and self._reads_back(typed, selection) else []))
             self.groups = groups
             self.active = state.get("active")
             self.dtype = state.get("dtype", self.dtype)
@@ -312,6 +320,13 @@ class DesignSession(Undoable):
             self.history.start(self._snapshot())
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _reads_back(self, typed: list[str], selection: list[str]) -> bool:
+        """Typed expressions select exactly ``selection`` when read back (as an import reads them)."""
+        try:
+            return self.require()[1].typed_selection(typed) == selection
+        except DeltaError:
+            return False
 
     def _node(self, node_path: str) -> TreeNode:
         loaded, _ = self.require()

@@ -307,10 +307,67 @@ def _merge_indices(chosen: list[tuple[str, ...]], tails: dict[str, list[int]]) -
         _, position, before, after = key
         indices = sorted({int(parts[position]) for parts in members})
         existing = _existing_indices(before, after, tails)
-        alternation = r"\d+" if set(indices) == existing else "(" + "|".join(map(str, indices)) + ")"
+        alternation = r"\d+" if set(indices) == existing else index_pattern(indices)
         segments = [re.escape(s) for s in before] + [alternation] + [re.escape(s) for s in after]
         result.append(REGEX_PREFIX + r"\.".join(segments))
     return result
+
+
+def index_pattern(indices: list[int]) -> str:
+    """A regex group matching exactly ``indices`` (sorted, distinct, non-negative): runs of
+    consecutive indices as digit ranges — ``63-125`` reads ``(6[3-9]|[7-9]\d|1[01]\d|12[0-5])``,
+    not 63 alternatives — and the rest listed, whichever form is shorter."""
+    listed = "(" + "|".join(map(str, indices)) + ")"
+    pieces: list[str] = []
+    start = 0
+    for end in range(len(indices)):
+        if end + 1 == len(indices) or indices[end + 1] != indices[end] + 1:
+            low, high = indices[start], indices[end]
+            pieces += [str(low), str(high)] if high == low + 1 else _digit_ranges(low, high)
+            start = end + 1
+    ranged = "(" + "|".join(pieces) + ")"
+    return ranged if len(ranged) < len(listed) else listed
+
+
+def _digit_ranges(low: int, high: int) -> list[str]:
+    """Regex alternatives matching the decimal numbers ``low..high`` (no leading zeros)."""
+    pieces: list[str] = []
+    while low <= high:
+        top = min(high, 10 ** len(str(low)) - 1)  # one number of digits at a time
+        pieces += _same_width(str(low), str(top))
+        low = top + 1
+    return pieces
+
+
+def _same_width(low: str, high: str) -> list[str]:
+    """Alternatives matching the equally long digit strings ``low..high``."""
+    common = 0
+    while common < len(low) and low[common] == high[common]:
+        common += 1
+    prefix, low, high = low[:common], low[common:], high[common:]
+    if not low:
+        return [prefix]
+    rest = len(low) - 1
+    if low[1:] == "0" * rest and high[1:] == "9" * rest:
+        return [prefix + _digit_class(low[0], high[0]) + r"\d" * rest]
+    pieces: list[str] = []
+    first, last = int(low[0]), int(high[0])
+    if low[1:] != "0" * rest:
+        pieces += [prefix + low[0] + p for p in _same_width(low[1:], "9" * rest)]
+        first += 1
+    if high[1:] != "9" * rest:
+        last -= 1
+    if first <= last:
+        pieces.append(prefix + _digit_class(str(first), str(last)) + r"\d" * rest)
+    if high[1:] != "9" * rest:
+        pieces += [prefix + high[0] + p for p in _same_width("0" * rest, high[1:])]
+    return pieces
+
+
+def _digit_class(low: str, high: str) -> str:
+    if low == high:
+        return low
+    return r"\d" if (low, high) == ("0", "9") else f"[{low}-{high}]"
 
 
 def _existing_indices(

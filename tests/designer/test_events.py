@@ -51,13 +51,14 @@ def test_ticks_ranges_and_expressions_update_counts(server):
     client.emit("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "0-5"})
     design = last(client, "design_updated")
     assert design["totals"]["trainable"] == 294_912 // 2
-    assert design["groups"][0]["expressions"] == [r"[r]layer\.(0|1|2|3|4|5)\.attention\.self\.query",
-                                                  r"[r]layer\.(0|1|2|3|4|5)\.attention\.self\.value"]
+    assert design["groups"][0]["expressions"] == [r"[r]layer\.([0-5])\.attention\.self\.query",
+                                                  r"[r]layer\.([0-5])\.attention\.self\.value"]
     client.emit("set_layers", {"group_id": group, "node_path": "encoder.layer.*", "layers": "6,8,10"})
     assert last(client, "design_updated")["totals"]["trainable"] == 294_912 // 4
     client.emit("set_expressions", {"group_id": group, "expressions": ["attn.q"]})
     design = last(client, "design_updated")
-    assert design["groups"][0]["expressions"] == ["query"] and design["totals"]["trainable"] == 147_456
+    assert design["groups"][0]["expressions"] == ["attn.q"] and design["totals"]["trainable"] == 147_456
+    assert design["groups"][0]["match_counts"] == {"attn.q": 12}  # the name typed stays
 
 
 def test_a_bad_edit_is_an_error_at_its_field_and_the_design_stays(server):
@@ -286,3 +287,51 @@ def test_events_carry_sequence_numbers_and_answers_carry_versions(server):
     again.emit("redo", {"seq": 1})
     assert last(again, "design_updated")["totals"]["trainable"] == 147_456
 
+
+
+def test_exports_keep_the_names_typed_until_a_tick_changes_the_selection(server):
+    http, client = connect(*server)
+    group = last(client, "design_updated")["groups"][0]["id"]
+    client.emit("set_expressions", {"group_id": group, "expressions": ["attn.q", "attn.v"]})
+    assert last(client, "design_updated")["groups"][0]["expressions"] == ["attn.q", "attn.v"]
+    exported = http.get("/api/design/export?format=json").get_json()
+    assert exported["deltas"][0]["modified_modules"] == ["attn.q", "attn.v"]
+    assert len(exported["deltas"][0]["resolved_modules"]) == 24
+    assert http.get("/api/design/export?format=peft").get_json()["target_modules"] == ["query", "value"]
+    script = http.get("/api/design/export?format=python").get_data(as_text=True)
+    assert '\\"attn.q\\"' in script or '"attn.q"' in script
+    # read back (import) it is the same design, typed names included
+    assert http.post("/api/design/import", json=exported).status_code == 200
+    assert http.get("/api/design").get_json()["groups"][0]["expressions"] == ["attn.q", "attn.v"]
+    client.get_received()
+    # a tick changes the selection: the names become the compiled expressions of what is ticked
+    client.emit("toggle_nodes", {"group_id": last_group(http), "checked": False,
+                                 "paths": ["encoder.layer.*.attention.self.value"]})
+    assert last(client, "design_updated")["groups"][0]["expressions"] == ["query"]
+    client.emit("undo", {})  # undo brings the typed names back with the selection
+    assert last(client, "design_updated")["groups"][0]["expressions"] == ["attn.q", "attn.v"]
+    # a quick pick's role name that a real module name would take over is shown compiled
+    client.emit("set_expressions", {"group_id": last_group(http), "expressions": ["attn.q"], "roles": True})
+    assert last(client, "design_updated")["groups"][0]["expressions"] == ["attn.q"]
+
+
+def last_group(http) -> str:
+    return http.get("/api/design").get_json()["groups"][0]["id"]
+
+
+def test_a_role_name_a_real_module_would_take_over_is_shown_compiled(tmp_path):
+    from designer.state import BackboneCache
+    from designer.store import SessionStore
+
+    cache = BackboneCache("catalog:t5-base")
+    store = SessionStore(tmp_path, cache)
+    session = store.get("T" * 24)
+    store.use(session, cache.get("catalog:t5-base"))
+    group = session.groups[0].id
+    session.set_group(group, method="adapter")
+    session.set_expressions(group, ["layer_norm"], roles=True)  # the role: every block's norms
+    shown = session.snapshot()["groups"][0]
+    assert shown["modules"] == 62 and shown["expressions"] == ["layer_norm", "final_layer_norm"]
+    session.set_expressions(group, ["layer_norm"])  # typed: T5's modules of that name
+    shown = session.snapshot()["groups"][0]
+    assert shown["modules"] == 60 and shown["expressions"] == ["layer_norm"]

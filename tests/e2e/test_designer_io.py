@@ -87,7 +87,7 @@ def test_reload_restores_the_design_and_contexts_are_isolated(designer: Page, br
     page.wait_for_selector("body[data-design-version]")
     assert number(page, "[data-total-trainable]") == 4 * 2 * 8 * 768
     expect(group(page).locator("[data-expressions]")).to_have_attribute(
-        "data-expressions", "[r]layer\\.(0|1|2|3)\\.attention\\.self\\.query\n[r]layer\\.(0|1|2|3)\\.attention\\.self\\.value")
+        "data-expressions", "[r]layer\\.([0-3])\\.attention\\.self\\.query\n[r]layer\\.([0-3])\\.attention\\.self\\.value")
     expect(node(page, "encoder.layer.*").locator("> .row [data-node-layers]")).to_have_value("0-3")
     stranger = browser.new_context().new_page()
     stranger.goto(page.url)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ from engine import (
     load_backbone,
     resolve,
 )
+from engine.addressing import index_pattern
 from engine.errors import AddressingError
 from tests.engine.toy_models import Toy
 
@@ -109,6 +112,24 @@ def test_compile_selection_examples(bert):
     assert compile_selection(bert, []) == []
     with pytest.raises(UnknownPathError, match="'encoder.layer.99'"):
         compile_selection(bert, ["encoder.layer.99"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(st.integers(0, 1100), min_size=1, max_size=60), st.integers(0, 1100), st.integers(0, 300))
+def test_index_patterns_match_exactly_their_indices(scattered, start, length):
+    for indices in (sorted(scattered), list(range(start, start + length + 1))):
+        pattern = re.compile(index_pattern(indices))
+        assert [i for i in range(1500) if pattern.fullmatch(str(i))] == indices
+        assert not any(pattern.fullmatch(f"0{i}") for i in indices)  # never a leading zero
+
+
+def test_layer_ranges_compile_to_compact_ranges_on_a_405b_shape():
+    tree = tree_of("llama-3.1-405b")
+    upper_half = [f"model.layers.{i}.self_attn.q_proj" for i in range(63, 126)]
+    expressions = _assert_round_trip(tree, set(upper_half))
+    assert expressions == [r"[r]layers\.(6[3-9]|[7-9]\d|1[0-1]\d|12[0-5])\.self_attn\.q_proj"]
+    assert index_pattern([0, 1, 2, 3, 7, 9]) == "([0-3]|7|9)"
+    assert index_pattern([2, 5]) == "(2|5)"
 
 
 def test_compile_selection_refuses_a_path_that_no_expression_can_isolate():
