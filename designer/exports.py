@@ -1,5 +1,6 @@
-"""The three export formats of a design: ``delta-design/1`` JSON, a runnable Python script, and
-PEFT's ``adapter_config.json`` (when the design is expressible in PEFT)."""
+"""The export formats of a design: ``delta-design/1`` JSON, a runnable Python script, PEFT's
+``adapter_config.json``, and the LoRA lines of a LLaMA-Factory or an axolotl training config (the
+last three when the design is expressible there; otherwise an error saying why)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ from flask import render_template
 from designer.payloads import PayloadError
 from designer.preview import peft_availability
 from designer.session import DesignSession
-from engine import ConfigError, base_model_id, method_for, peft_adapter_config
+from engine import (
+    ConfigError,
+    base_model_id,
+    format_indices,
+    method_for,
+    peft_adapter_config,
+)
 
 FORMATS = {
     "json": ("delta-design.json", "application/json"),
     "python": ("delta_design.py", "text/x-python"),
     "peft": ("adapter_config.json", "application/json"),
+    "llamafactory": ("llamafactory_lora.yaml", "text/yaml"),
+    "axolotl": ("axolotl_lora.yaml", "text/yaml"),
 }
 
 
@@ -42,7 +51,45 @@ def export(session: DesignSession, kind: str) -> tuple[str, str, str]:
             design_json=repr(json.dumps(document, indent=2)),
         )
         return filename, mime, text
-    return filename, mime, json.dumps(_peft(session, document), indent=2)
+    peft = _peft(session, document)
+    if kind == "peft":
+        return filename, mime, json.dumps(peft, indent=2)
+    return filename, mime, trainer_lines(kind, peft)
+
+
+def trainer_lines(kind: str, peft: dict[str, Any]) -> str:
+    """LLaMA-Factory's or axolotl's YAML lines for the LoRA a PEFT config describes; a design
+    they cannot express (a regex target, per-module ranks, trained biases, layers for LLaMA-Factory) is
+    refused by name rather than written as something else."""
+    tool = {"llamafactory": "LLaMA-Factory", "axolotl": "axolotl"}[kind]
+    targets = peft["target_modules"]
+    layers = peft.get("layers_to_transform") or []
+    unsupported = [
+        (isinstance(targets, str), f"its modules need a regex ({targets!r}); {tool} takes module names"),
+        (bool(peft["rank_pattern"] or peft["alpha_pattern"]), f"{tool} has one rank and alpha for every module"),
+        (bool(layers) and kind == "llamafactory",
+         f"it picks layers {format_indices(layers) if layers else ''}; LLaMA-Factory's lora_target has no layer choice "
+         "(use the axolotl or PEFT export)"),
+        (peft["bias"] != "none", f"it trains biases ({peft['bias']}); {tool} trains none with LoRA"),
+    ]
+    for refused, why in unsupported:
+        if refused:
+            raise PayloadError(f"{tool} cannot express this design: {why}", kind)
+    saved = peft.get("modules_to_save") or []
+    if kind == "llamafactory":
+        lines = ["finetuning_type: lora", f"lora_target: {','.join(targets)}", f"lora_rank: {peft['r']}",
+                 f"lora_alpha: {peft['lora_alpha']}", f"lora_dropout: {peft['lora_dropout']}"]
+        lines += [f"additional_target: {','.join(saved)}"] if saved else []
+        lines += ["use_rslora: true"] if peft["use_rslora"] else []
+        lines += ["use_dora: true"] if peft["use_dora"] else []
+    else:
+        lines = ["adapter: lora", f"lora_r: {peft['r']}", f"lora_alpha: {peft['lora_alpha']}",
+                 f"lora_dropout: {peft['lora_dropout']}", "lora_target_modules:", *(f"  - {t}" for t in targets)]
+        lines += [f"peft_layers_to_transform: {list(layers)}"] if layers else []
+        lines += ["lora_modules_to_save:", *(f"  - {m}" for m in saved)] if saved else []
+        lines += ["peft_use_rslora: true"] if peft["use_rslora"] else []
+        lines += ["peft_use_dora: true"] if peft["use_dora"] else []
+    return "\n".join(lines) + "\n"
 
 
 def _peft(session: DesignSession, document: dict[str, Any]) -> dict[str, Any]:

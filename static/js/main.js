@@ -3,6 +3,7 @@ import { io } from "/vendor/socket.io/socket.io.esm.min.js";
 import { $, clearErrors, exact, humanBytes, showError } from "./dom.js";
 import { DesignsView } from "./designs.js";
 import { GroupsView } from "./groups.js";
+import { ShareView, designInLink, forgetLink } from "./share.js";
 import { TreeView, renderTree } from "./tree.js";
 
 // Each tab edits its own design: its session id lives in the tab's sessionStorage (a reload keeps
@@ -63,8 +64,17 @@ socket.on("backbone_loaded", (message) => {
   applySearch();
 });
 
+// a link to a design (#design=…) is imported once the page shows its first design
+let linkedDesign = designInLink();
+
 socket.on("design_updated", (design) => {
   if (design.version <= state.version) return;  // an answer older than the design shown
+  if (linkedDesign !== null) {
+    const text = linkedDesign;
+    linkedDesign = null;
+    forgetLink();
+    setTimeout(() => importText(text));
+  }
   const started = performance.now();
   state.version = design.version;
   state.design = design;
@@ -233,19 +243,87 @@ document.addEventListener("click", (event) => {
 
 async function importText(text) {
   showError(document, "import", "");
+  let document_;
   try {
-    JSON.parse(text);
+    document_ = JSON.parse(text);
   } catch (error) {
-    showError(document, "import", `not JSON: ${error.message}`);
+    importFailed(`not JSON: ${error.message}`);
+    return;
+  }
+  const wanted = document_ && document_.backbone && document_.backbone.source;
+  const shown = $("[data-backbone-summary]").dataset.backboneSource;
+  if (typeof wanted === "string" && shown && wanted !== shown) {
+    offerSwitch(wanted, shown, text);
     return;
   }
   try {
     await postJSON("/api/design/import", text);
     $("[data-import-panel]").open = false;
   } catch (error) {
-    showError(document, "import", error.message);
+    importFailed(error.message);
   }
 }
+
+function importFailed(message) {
+  $("[data-import-panel]").open = true;
+  showError(document, "import", message);
+}
+
+// A design made for another backbone: say so, and offer to switch to it (the design shown now is
+// kept for its backbone, so switching back restores it).
+let pendingImport = null;
+function offerSwitch(wanted, shown, text) {
+  pendingImport = { source: wanted, text };
+  $("[data-switch-text]").textContent = `This design was made for ${wanted}; the designer shows ${shown}. `
+    + `Switch to ${wanted} and import it? Your design for ${shown} is kept: switching back restores it.`;
+  const offer = $("[data-switch-offer]");
+  offer.dataset.switchSource = wanted;
+  offer.hidden = false;
+  $("[data-import-panel]").open = true;
+  $("[data-switch-accept]").focus();
+}
+
+function backboneShown(source) {
+  return new Promise((resolve, reject) => {
+    const loaded = (message) => { if (message.backbone.source === source) { stop(); resolve(); } };
+    const failed = (error) => { if (error.event === "load_backbone") { stop(); reject(new Error(error.message)); } };
+    const stop = () => { socket.off("backbone_loaded", loaded); socket.off("error", failed); };
+    socket.on("backbone_loaded", loaded);
+    socket.on("error", failed);
+  });
+}
+
+$("[data-switch-accept]").addEventListener("click", async () => {
+  const { source, text } = pendingImport;
+  pendingImport = null;
+  $("[data-switch-offer]").hidden = true;
+  const shown = backboneShown(source);
+  send("load_backbone", { source });
+  try {
+    await shown;
+    await importText(text);
+  } catch (error) {
+    importFailed(error.message);
+  }
+});
+$("[data-switch-cancel]").addEventListener("click", () => {
+  pendingImport = null;
+  $("[data-switch-offer]").hidden = true;
+  showError(document, "import", "not imported: the design is for another backbone");
+  $('[data-import="apply"]').focus();
+});
+
+async function exportText(kind) {
+  const response = await fetch(`/api/design/export?format=${encodeURIComponent(kind)}`,
+    { headers: { "X-Delta-Tab": tabId() || "" } });
+  if (!response.ok) throw new Error((await response.json()).error || response.statusText);
+  return response.text();
+}
+new ShareView($("[data-copies]"), {
+  exportText,
+  expressions: () => (state.design?.groups.find((g) => g.id === state.activeId)?.expressions) || [],
+});
+
 $('[data-import="file"]').addEventListener("change", async (event) => {
   const [file] = event.target.files;
   if (file) await importText(await file.text());
