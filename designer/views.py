@@ -24,6 +24,7 @@ from designer.store import (
     new_session_id,
     valid_session_id,
 )
+from designer.tree_filter import filter_tree
 from engine import (
     CATALOG,
     DEFAULT_SOURCE,
@@ -116,6 +117,13 @@ def tree() -> Response:
     session = current_session()
     loaded, _ = session.require()
     return jsonify({"backbone": loaded.summary(), "tree": loaded.collapsed.to_dict()})
+
+
+@bp.get("/api/tree/filter")
+def tree_filter() -> Response:
+    """The collapsed nodes the filter box's text selects (the expressions' grammar, by the engine)."""
+    loaded, _ = current_session().require()
+    return jsonify({"nodes": filter_tree(loaded, request.args.get("q", ""))})
 
 
 @bp.get("/api/peft-defaults")

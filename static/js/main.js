@@ -161,10 +161,27 @@ $("[data-backbone-form]").addEventListener("submit", (event) => {
 
 // --- search, dtype, groups -------------------------------------------------------------------
 
-function applySearch() {
-  showError(document, "search", tree.filter($("[data-tree-search]").value) || "");
+// The filter box speaks the expressions' grammar (plus class names), evaluated by the engine; only
+// the answer to the latest text is shown.
+let searchCount = 0;
+let searchTimer = null;
+async function applySearch() {
+  const text = $("[data-tree-search]").value.trim();
+  const mine = ++searchCount;
+  if (!text) { tree.show(null); showError(document, "search", ""); return; }
+  try {
+    const found = await request("GET", `/api/tree/filter?q=${encodeURIComponent(text)}`);
+    if (mine !== searchCount) return;
+    tree.show(found.nodes);
+    showError(document, "search", "");
+  } catch (error) {
+    if (mine === searchCount) showError(document, "search", error.message);
+  }
 }
-$("[data-tree-search]").addEventListener("input", applySearch);
+$("[data-tree-search]").addEventListener("input", () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(applySearch, 120);
+});
 $("[data-dtype]").addEventListener("change", (event) => send("set_dtype", { dtype: event.target.value }));
 $("[data-add-group]").addEventListener("click", () => send("add_group", { method: "lora" }));
 $("[data-undo]").addEventListener("click", () => send("undo", {}));

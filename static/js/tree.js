@@ -177,35 +177,20 @@ export class TreeView {
     event.preventDefault();
   }
 
-  // Show only nodes whose name/class matches (and their ancestors); "[r]…" is a regex on the path.
-  filter(query) {
-    const text = query.trim();
-    if (!text) {
+  // Show only the nodes at `paths` (the server's filter answer) and their ancestors; null shows all.
+  show(paths) {
+    if (paths === null) {
       for (const item of this.items.values()) item.hidden = false;
-      return null;
-    }
-    let test;
-    if (text.startsWith("[r]")) {
-      try {
-        const pattern = new RegExp(`^(?:.*\\.)?(?:${text.slice(3)})$`);
-        test = (item) => pattern.test(item.dataset.nodePath);
-      } catch (error) {
-        return `invalid regex: ${error.message}`;
-      }
-    } else {
-      const needle = text.toLowerCase();
-      test = (item) => item.dataset.nodePath.toLowerCase().includes(needle)
-        || item.dataset.nodeClass.toLowerCase().includes(needle);
+      return;
     }
     const keep = new Set();
-    for (const item of this.items.values()) {
-      if (!test(item)) continue;
+    for (const path of paths) {
+      const item = this.items.get(path);
       for (let node = item; node && node.dataset && node.dataset.nodePath !== undefined; node = node.parentElement.closest("[data-node-path]")) {
         keep.add(node);
         if (node.hasAttribute("aria-expanded") && node !== item) node.setAttribute("aria-expanded", "true");
       }
     }
     for (const item of this.items.values()) item.hidden = !keep.has(item);
-    return keep.size ? null : `nothing matches ${text}`;
   }
 }

@@ -215,3 +215,27 @@ def test_the_token_never_reaches_the_log():
         "127.0.0.1", "GET /?token=s3cret&x=1 HTTP/1.1", "303"), None)
     RedactTokens().filter(record)
     assert "s3cret" not in record.getMessage() and "token=[redacted]&x=1" in record.getMessage()
+
+
+def test_the_tree_filter_speaks_the_expression_grammar_and_class_names(tmp_path):
+    app, _ = create_app({"BACKBONE": "catalog:llama-3.1-405b", "WORKSPACE": str(tmp_path)})
+    http = app.test_client()
+    http.get("/")
+
+    def found(text: str) -> list[str]:
+        response = http.get("/api/tree/filter", query_string={"q": text})
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()["nodes"]
+
+    assert found("attn.q") == found("q_proj") == ["model.layers.*.self_attn.q_proj"]
+    assert found(r"[r]layers\.(6[3-9]|[7-9]\d|1[0-1]\d|12[0-5])\.mlp") == ["model.layers.*.mlp"]
+    assert found("LlamaRMSNorm") == ["model.layers.*.input_layernorm", "model.layers.*.post_attention_layernorm",
+                                     "model.norm"]
+    assert found("[r]Llama(MLP|Attention)") == ["model.layers.*.self_attn", "model.layers.*.mlp"]
+    assert found("  ") == []
+    for text, message in (("[r](oops", "'[r](oops' is not a regex RE2 can run"),
+                          ("q_prj", "the closest existing names are: q_proj"),
+                          ("x" * 1001, "a filter has at most 1000 characters")):
+        refused = http.get("/api/tree/filter", query_string={"q": text})
+        assert refused.status_code == 400 and message in refused.get_json()["error"]
+        assert refused.get_json()["field"] == "search"

@@ -50,10 +50,25 @@ def test_expand_collapse_search_and_keyboard(designer: Page):
     page.fill("[data-tree-search]", r"[r]output\.(dense|LayerNorm)")
     expect(node(page, "encoder.layer.*.output.dense")).to_be_visible()
     expect(node(page, "encoder.layer.*.intermediate.dense")).to_be_hidden()
+    # the expressions' grammar, evaluated by the engine: common names, class names in both forms
+    page.fill("[data-tree-search]", "attn.q")
+    expect(node(page, "encoder.layer.*.attention.self.query")).to_be_visible()
+    expect(node(page, "encoder.layer.*.attention.self.value")).to_be_hidden()
+    page.fill("[data-tree-search]", "BertSelfAttention")
+    expect(node(page, "encoder.layer.*.attention.self")).to_be_visible()
+    expect(node(page, "encoder.layer.*.output.dense")).to_be_hidden()
+    page.fill("[data-tree-search]", "[r]Bert(Self)?Output")
+    expect(node(page, "encoder.layer.*.attention.output")).to_be_visible()
+    expect(node(page, "encoder.layer.*.intermediate")).to_be_hidden()
+    # errors quote the text typed, never an internal wrapper, and suggest names
     page.fill("[data-tree-search]", "[r](oops")
-    expect(page.locator('[data-error="search"]')).to_contain_text("invalid regex")
+    expect(page.locator('[data-error="search"]')).to_contain_text("'[r](oops' is not a regex RE2 can run")
+    expect(page.locator('[data-error="search"]')).not_to_contain_text("(?:")
+    page.fill("[data-tree-search]", "valu")
+    expect(page.locator('[data-error="search"]')).to_contain_text("the closest existing names are: value")
     page.fill("[data-tree-search]", "")
     expect(node(page, "pooler")).to_be_visible()
+    expect(page.locator('[data-error="search"]')).to_be_empty()
 
 
 def test_tick_in_a_folded_group_selects_all_layers_and_the_range_narrows_it(designer: Page):
