@@ -45,12 +45,12 @@ def module_device_dtype(module: nn.Module, model: nn.Module) -> tuple[torch.devi
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def pseudo_input_variants(model: nn.Module) -> Iterator[dict[str, Any]]:
-    """Small inputs a transformers model accepts, tried in order (the last one suits meta)."""
+def pseudo_input_variants(model: nn.Module, batch: int = 1, length: int = 4) -> Iterator[dict[str, Any]]:
+    """Inputs of ``batch`` × ``length`` tokens a transformers model accepts, tried in order (the
+    last one suits meta). Small by default: probes only need every module to run once."""
     device, dtype = module_device_dtype(model, model)
     config: Any = getattr(model, "config", None)
     main = getattr(model, "main_input_name", "input_ids")
-    batch, length = 1, 4
     if main == "pixel_values":
         size = getattr(config, "image_size", 224)
         height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]  # 224 or (h, w)
@@ -124,8 +124,8 @@ def run_pseudo_passes(model: nn.Module, done: Callable[[], bool]) -> list[str]:
                 continue
             for inputs in variants:
                 try:
-                    with torch.no_grad(), _eval_mode(target), _experts_runnable_on_meta(target):
-                        if _accepts_use_cache(target) and "use_cache" not in inputs:
+                    with torch.no_grad(), module_mode(target, training=False), experts_runnable_on_meta(target):
+                        if accepts_use_cache(target) and "use_cache" not in inputs:
                             target(**inputs, use_cache=False)
                         else:
                             target(**inputs)
@@ -138,13 +138,13 @@ def run_pseudo_passes(model: nn.Module, done: Callable[[], bool]) -> list[str]:
     return errors
 
 
-def _accepts_use_cache(model: nn.Module) -> bool:
+def accepts_use_cache(model: nn.Module) -> bool:
     config: Any = getattr(model, "config", None)
     return config is not None and hasattr(config, "use_cache")
 
 
 @contextlib.contextmanager
-def _experts_runnable_on_meta(model: nn.Module) -> Iterator[None]:
+def experts_runnable_on_meta(model: nn.Module) -> Iterator[None]:
     """On the meta device, fused experts run through batched matmuls: the grouped-matmul kernel's
     meta version accepts bfloat16 only, and the eager loop needs real routing values."""
     config: Any = getattr(model, "config", None)
@@ -161,11 +161,11 @@ def _experts_runnable_on_meta(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the pass, restoring every module's own flag afterwards (not just the root's:
-    a model may keep some submodules in a different mode on purpose)."""
+def module_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Eval (probes) or training (traces) mode for a pass, restoring every module's own flag
+    afterwards (not just the root's: a model may keep some submodules in another mode on purpose)."""
     modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
