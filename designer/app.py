@@ -11,6 +11,7 @@ from flask_socketio import SocketIO
 
 from designer import bounded_json, events, security
 from designer.designs_api import api as designs_api
+from designer.memory_api import api as memory_api
 from designer.named import NamedDesigns
 from designer.resources import resource_dir
 from designer.state import DEFAULT_BUDGET_BYTES, BackboneCache
@@ -55,6 +56,7 @@ def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     security.install(app)
     app.register_blueprint(bp)
     app.register_blueprint(designs_api)
+    app.register_blueprint(memory_api)
     # one client's events are handled one after another, in the order sent (a fast clicker's or
     # a script's pipelined ticks are never applied out of order); Host/Origin checked on connect
     socketio = SocketIO(app, async_mode="threading", async_handlers=False, json=bounded_json)

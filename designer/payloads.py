@@ -9,6 +9,7 @@ parameters than the backbone has).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import (
@@ -17,6 +18,7 @@ from pydantic import (
     Field,
     StrictBool,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
 )
 
@@ -133,21 +135,29 @@ def _problem(error: dict[str, Any]) -> str:
         return "must be true or false"
     if kind in ("list_type", "dict_type"):
         return "must be a list" if kind == "list_type" else "must be an object"
+    if kind == "value_error":  # a check of the engine's own: its message as it is
+        return str(context.get("error", error["msg"]))
     return str(error["msg"])
 
 
-def parse(model: type[Message], payload: Any, event: str) -> Message:
-    """``payload`` validated against ``model``; a :class:`PayloadError` naming the first wrong
-    field (``paths[3]``, ``hyperparameters``) and the limit otherwise."""
+def parse(model: type[Any], payload: Any, event: str) -> Any:
+    """``payload`` validated against ``model`` (a schema here, or an engine dataclass that checks
+    itself, strictly typed); a :class:`PayloadError` naming the first wrong field
+    (``paths[3]``, ``hyperparameters``) and the limit otherwise."""
     if not isinstance(payload, dict):
         raise PayloadError(f"{event} expects a JSON object, got {type(payload).__name__}")
     try:
-        return model.model_validate(payload)
+        if issubclass(model, BaseModel):
+            return model.model_validate(payload)
+        # JSON mode: strict types, and an object may stand for the dataclass
+        return TypeAdapter(model).validate_json(json.dumps(payload), strict=True)
     except ValidationError as invalid:
         error = invalid.errors(include_url=False, include_input=False)[0]
         location = [str(part) for part in error["loc"]]
         field = location[0] if location else None
-        shown = location[0] + "".join(f"[{part}]" for part in location[1:]) if location else event
+        if not location:  # a check of the whole object (an engine dataclass's own)
+            raise PayloadError(f"{event}: {_problem(error)}", field) from None
+        shown = location[0] + "".join(f"[{part}]" for part in location[1:])
         raise PayloadError(f"{event}: '{shown}' {_problem(error)}", field) from None
 
 

@@ -63,6 +63,8 @@ class Previewer:
         self._trainable = _LRU()
         self._unwrappable = _LRU(64)
         self._wrappable = _LRU(64)
+        #: memory plans by design and training setup (each traces a forward on meta)
+        self.plans = _LRU(64)
         self._marks = _LRU()
 
     def expressions(self, selection: list[str]) -> list[str]:

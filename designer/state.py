@@ -7,8 +7,9 @@ attaching anything to — the real model.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from engine import (
     Backbone,
     DeltaError,
+    Design,
     ModelStructure,
     ModuleTree,
     load_backbone,
@@ -94,6 +96,18 @@ class LoadedBackbone:
                 marks[node.path] = "all" if hits == len(node.member_paths) else "some"
         return {"paths": paths, "marks": marks, "source": source}
 
+    def planning_model(self) -> nn.Module:
+        """A weight-free model designs may be attached to for a while, under :attr:`lock`: the
+        meta backbone itself (as builds use it), else a private meta copy — never the shared twin,
+        which previews read without the lock."""
+        if self.backbone.is_meta:
+            return self.backbone.model
+        with self.lock:
+            model = self.__dict__.get("_planning_model")
+            if model is None:
+                model = self.__dict__["_planning_model"] = _meta_twin(self.backbone)
+            return model
+
     def summary(self) -> dict[str, Any]:
         return {
             "source": self.backbone.source,
@@ -116,6 +130,23 @@ def load(
         twin = _meta_twin(backbone)
         twin_tree = ModuleTree.from_model(twin)
     return LoadedBackbone(backbone, tree, tree.collapse(), twin, twin_tree)
+
+
+@contextlib.contextmanager
+def attached(model: nn.Module, design: Design) -> Iterator[Any]:
+    """``design`` attached to a shared ``model`` for the ``with`` body, then undone completely —
+    deltas detached and every parameter's ``requires_grad`` restored — whatever happens. Hold
+    the backbone's lock around it."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    applied = None
+    try:
+        applied = design.apply(model)  # detaches what it attached if it fails
+        yield applied
+    finally:
+        if applied is not None:
+            applied.detach()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags[name])
 
 
 def _meta_twin(backbone: Backbone) -> nn.Module:

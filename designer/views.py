@@ -18,6 +18,7 @@ from designer.payloads import DesignBody, PayloadError, parse
 from designer.preview import UNFREEZE
 from designer.resources import socketio_client_dir
 from designer.session import DesignSession
+from designer.state import attached
 from designer.store import (
     SESSION_COOKIE,
     SessionStore,
@@ -183,19 +184,10 @@ def build() -> Response:
         raise PayloadError(f"this design would train {planned:,} parameters, more than the whole backbone "
                            f"({loaded.tree.total_parameters:,}); lower its sizes (rank, bottleneck, "
                            "prefix length) before building", "build")
-    with loaded.lock:  # one build at a time on the shared model, undone completely whatever happens
-        flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        applied = None
-        try:
-            applied = design.apply(model)  # detaches what it attached if it fails
-            built_tree = ModuleTree.from_model(model).collapse().to_dict()
-            trainable = applied.num_trainable_parameters()
-            per_delta = {d.name: d.own_trainable_parameters() for d in applied.deltas}
-        finally:
-            if applied is not None:
-                applied.detach()
-            for name, parameter in model.named_parameters():
-                parameter.requires_grad_(flags[name])
+    with loaded.lock, attached(model, design) as applied:  # one build at a time, undone whatever happens
+        built_tree = ModuleTree.from_model(model).collapse().to_dict()
+        trainable = applied.num_trainable_parameters()
+        per_delta = {d.name: d.own_trainable_parameters() for d in applied.deltas}
     return jsonify({"trainable": trainable, "deltas": per_delta,
                     "preview_trainable": session.snapshot()["totals"]["trainable"], "tree": built_tree})
 

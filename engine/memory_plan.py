@@ -102,6 +102,11 @@ def trace_activations(model: nn.Module, setup: TrainingSetup) -> ActivationTrace
         raise ConfigError("activations are traced on the meta device: pass the weight-free twin of the model")
     sizes: dict[int, tuple[int, bool]] = {}
     sequence = setup.sequence
+    config: Any = getattr(model, "config", None)
+    longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(longest, int) and sequence > longest:
+        raise ConfigError(f"sequence {sequence:,} is longer than {type(model).__name__} reads "
+                          f"(max_position_embeddings = {longest:,}); plan with at most {longest:,} tokens")
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
@@ -124,7 +129,6 @@ def trace_activations(model: nn.Module, setup: TrainingSetup) -> ActivationTrace
                 errors.append(f"{type(exc).__name__}: {exc}")
         else:
             raise ConfigError(f"could not trace a training step of {type(model).__name__} on meta: {errors[-1]}")
-    config: Any = getattr(model, "config", None)
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or 0)
     return ActivationTrace(sum(size for size, _ in sizes.values()),
                            sum(size for size, scores in sizes.values() if scores), _layer_count(model), hidden)

@@ -3,6 +3,7 @@ import { io } from "/vendor/socket.io/socket.io.esm.min.js";
 import { $, clearErrors, exact, humanBytes, showError } from "./dom.js";
 import { DesignsView } from "./designs.js";
 import { GroupsView } from "./groups.js";
+import { PlannerView } from "./planner.js";
 import { ShareView, designInLink, forgetLink } from "./share.js";
 import { TreeView, renderTree } from "./tree.js";
 
@@ -106,6 +107,7 @@ socket.on("design_updated", (design) => {
   peft.dataset.exportReason = design.exports.peft.reason;
   $("[data-export-note]").textContent = design.exports.peft.available ? "" : `PEFT: ${design.exports.peft.reason}`;
   if ($("[data-peft-overlay]").checked) showPeftDefaults();
+  planner.plan();  // an open planner follows the design
   $("[data-undo]").disabled = !design.history.undo;
   $("[data-redo]").disabled = !design.history.redo;
   document.body.dataset.designVersion = String(Number(document.body.dataset.designVersion || 0) + 1);
@@ -235,6 +237,7 @@ async function showPeftDefaults() {
 }
 $("[data-peft-overlay]").addEventListener("change", showPeftDefaults);
 new DesignsView($("[data-designs-panel]"), request);
+const planner = new PlannerView($("[data-memory-planner]"), request);
 
 $("[data-build]").addEventListener("click", async () => {
   showError(document, "build", "");

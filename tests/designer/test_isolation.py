@@ -119,3 +119,27 @@ def test_a_design_larger_than_its_backbone_is_refused_before_anything_is_allocat
     assert "more than the whole backbone" in refused.get_json()["error"]
     loaded = app.extensions["delta_designer"].backbones.cached(BACKBONE)
     assert _delta_modules(loaded.backbone.model) == []
+
+
+def test_a_memory_plan_attaches_nothing_the_sessions_share_and_is_memoised(app, monkeypatch):
+    one, other = _client(app), _client(app)
+    assert one.post("/api/design/import", json=_design(("lora", "lora", ["attn.q"]))).status_code == 200
+    assert other.post("/api/design/import", json=_design(("adapter", "adapter", ["ff.w2"]))).status_code == 200
+    before = _shown(other)
+    loaded = app.extensions["delta_designer"].backbones.cached(BACKBONE)
+    flags = {n: p.requires_grad for n, p in loaded.twin.named_parameters()}
+    body = {"gpu_bytes": 24 * 2**30, "batch": 2, "sequence": 64}
+    plan = one.post("/api/memory-plan", json=body).get_json()
+    assert plan["trainable"] == one.get("/api/design").get_json()["totals"]["trainable"] > 0
+    assert _delta_modules(loaded.twin) == [] and _delta_modules(loaded.planning_model()) == []
+    assert {n: p.requires_grad for n, p in loaded.twin.named_parameters()} == flags
+    assert _shown(other) == before
+    traced = []
+    monkeypatch.setattr("designer.memory_api.trace_activations", lambda *a: traced.append(a))
+    assert one.post("/api/memory-plan", json=body).get_json() == plan and traced == []  # memoised
+    # a failing trace leaves nothing attached either
+    monkeypatch.setattr("designer.memory_api.trace_activations", lambda *a: 1 / 0)
+    assert one.post("/api/memory-plan", json={**body, "batch": 3}).status_code == 500
+    assert _delta_modules(loaded.planning_model()) == []
+    monkeypatch.undo()
+    assert other.post("/api/memory-plan", json=body).get_json()["trainable"] != plan["trainable"]

@@ -75,6 +75,8 @@ def test_a_bad_setup_is_refused_by_name(field, value, message):
         TrainingSetup(**{field: value, "sequence": 8192} if field == "batch" else {field: value})
 
 
-def test_only_a_weight_free_model_is_traced():
+def test_only_a_weight_free_model_is_traced_and_only_as_long_as_it_reads():
     with pytest.raises(ConfigError, match="traced on the meta device"):
         trace_activations(build("bert", "cpu"), TrainingSetup(batch=1, sequence=8))
+    with pytest.raises(ConfigError, match="sequence 4,096 is longer than BertModel reads"):
+        trace_activations(build("bert", "meta"), TrainingSetup(batch=1, sequence=4096))

@@ -3,6 +3,7 @@ error naming what was wrong), fast, never an internal error, and the server stay
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -183,3 +184,20 @@ def test_matching_work_is_bounded_before_the_engine_matches(tmp_path):
     answer = [e for e in client.get_received() if e["name"] in ("design_updated", "error")]
     assert time.perf_counter() - start < 1.0
     assert answer[-1]["name"] == "design_updated" and answer[-1]["args"][0]["totals"]["trainable"] > 0
+
+
+def test_bad_memory_plan_bodies_are_refused_by_name(tmp_path):
+    app, _ = create_app({"BACKBONE": "catalog:bert-base-uncased", "WORKSPACE": str(tmp_path)})
+    http = app.test_client()
+    http.get("/")
+    cases = [({"gpus": 10**100}, "gpus"), ({"batch": -1}, "batch must be an integer"),
+             ({"sequence": float("nan")}, "sequence"), ({"weight_format": "fp8"}, "weight_format must be one of"),
+             ({"gpu_bytes": 10**15}, "gpu_bytes must be an integer"), ({"batch": 4096, "sequence": 8192}, "tokens"),
+             ({"checkpointing": "yes"}, "checkpointing"), ({"attention": ["flash"]}, "attention"),
+             ({"optimizer": "x" * 10_000}, "optimizer must be one of")]
+    for body, message in cases:
+        start = time.perf_counter()
+        response = http.post("/api/memory-plan", data=json.dumps(body, allow_nan=True),
+                             content_type="application/json")
+        assert time.perf_counter() - start < 1.0
+        assert response.status_code == 400 and message in response.get_json()["error"], (body, response.get_json())

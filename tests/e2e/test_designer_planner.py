@@ -1,0 +1,61 @@
+"""The memory planner panel: the breakdown the engine computes, fits / does not fit per GPU, the
+formulas on the page, errors at the panel, and a plan that follows the design."""
+
+from playwright.sync_api import Page, expect
+
+from tests.e2e.helpers import group, wait_update
+
+
+def bytes_of(page: Page, part: str) -> int:
+    return int(page.locator(f'[data-plan-part="{part}"]').get_attribute("data-bytes"))
+
+
+
+
+def test_the_planner_shows_the_engines_breakdown_and_whether_it_fits(designer: Page):
+    page = designer
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("attn.q\nattn.v"))
+    planner = page.locator("[data-memory-planner]")
+    planner.locator("> summary").click()
+    expect(page.locator('[data-error="plan"]')).to_contain_text(  # MiniLM reads 512 tokens at most
+        "sequence 2,048 is longer than BertModel reads (max_position_embeddings = 512)")
+    page.fill('[data-plan="sequence"]', "512")
+    page.locator('[data-plan="sequence"]').dispatch_event("change")
+    expect(planner).to_have_attribute("data-plan-state", "ready")
+    expect(page.locator("[data-plan-fits]")).to_have_attribute("data-plan-fits", "yes")
+    assert bytes_of(page, "weights") == 22_713_216 * 2  # MiniLM in bf16
+    assert bytes_of(page, "trainable_states") == 73_728 * 16  # value, gradient, two AdamW moments
+    first = bytes_of(page, "activations")
+    assert first > 0
+    expect(page.locator('[data-plan-part="activations"] td').nth(1)).to_contain_text("traced on the meta device")
+    # the same setup through the API gives the same numbers the page shows
+    api = page.request.post(page.url.split("#")[0].rstrip("/") + "/api/memory-plan",
+                            data={"gpu_bytes": 80 * 2**30, "batch": 1, "sequence": 512},
+                            headers={"X-Delta-Tab": page.evaluate("sessionStorage.getItem('delta-designer-tab')")})
+    assert api.json()["activations"] == first
+    # formats, optimizer and batch change it; a large enough batch does not fit
+    page.select_option('[data-plan="weight-format"]', "nf4")
+    expect(page.locator('[data-plan-part="weights"]')).not_to_have_attribute("data-bytes", str(22_713_216 * 2))
+    page.select_option('[data-plan="optimizer"]', "sgd")
+    expect(page.locator('[data-plan-part="trainable_states"]')).to_have_attribute("data-bytes", str(73_728 * 8))
+    page.select_option('[data-plan="gpu"]', "24")
+    page.select_option('[data-plan="attention"]', "eager")
+    page.fill('[data-plan="batch"]', "512")
+    page.locator('[data-plan="batch"]').dispatch_event("change")
+    expect(page.locator("[data-plan-fits]")).to_have_attribute("data-plan-fits", "no")
+    expect(page.locator("[data-plan-fits]")).to_contain_text("does not fit")
+    page.check('[data-plan="checkpointing"]')
+    expect(planner).to_have_attribute("data-plan-state", "ready")
+    expect(page.locator('[data-plan-part="activations"] td').nth(1)).to_contain_text("gradient checkpointing")
+    # a bad value is an error at the panel; the design is untouched
+    page.fill('[data-plan="gpus"]', "0")
+    page.locator('[data-plan="gpus"]').dispatch_event("change")
+    expect(page.locator('[data-error="plan"]')).to_contain_text("gpus must be an integer from 1 to 4,096")
+    page.fill('[data-plan="gpus"]', "8")
+    page.select_option('[data-plan="sharding"]', "fsdp")
+    expect(planner).to_have_attribute("data-plan-state", "ready")
+    expect(page.locator('[data-plan-part="gathered_layer"]')).to_be_visible()
+    # the open planner follows the design
+    states = bytes_of(page, "trainable_states")
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("attn.q"))
+    expect(page.locator('[data-plan-part="trainable_states"]')).to_have_attribute("data-bytes", str(states // 2))
