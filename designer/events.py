@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def backbone_message(session: DesignSession) -> dict[str, Any]:
     loaded, _ = session.require()
     return {"backbone": loaded.summary(), "tree": loaded.collapsed.to_dict(), "methods": method_catalogue(),
-            "roles": loaded.roles()}
+            "roles": loaded.roles(), "diagram": loaded.schematic()}
 
 
 def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from designer.diagram import layer_schematic
 from engine import (
     Backbone,
     DeltaError,
@@ -95,6 +96,13 @@ class LoadedBackbone:
             if hits:
                 marks[node.path] = "all" if hits == len(node.member_paths) else "some"
         return {"paths": paths, "marks": marks, "source": source}
+
+    def schematic(self) -> dict[str, Any] | None:
+        """The folded layer the page's block diagram draws (computed once, under the lock)."""
+        with self.lock:
+            if "_schematic" not in self.__dict__:
+                self.__dict__["_schematic"] = layer_schematic(self)
+            return self.__dict__["_schematic"]
 
     def planning_model(self) -> nn.Module:
         """A weight-free model designs may be attached to for a while, under :attr:`lock`: the

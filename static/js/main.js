@@ -2,6 +2,7 @@
 import { io } from "/vendor/socket.io/socket.io.esm.min.js";
 import { $, clearErrors, exact, humanBytes, showError } from "./dom.js";
 import { DesignsView } from "./designs.js";
+import { DiagramView } from "./diagram.js";
 import { GroupsView } from "./groups.js";
 import { PlannerView } from "./planner.js";
 import { ShareView, designInLink, forgetLink } from "./share.js";
@@ -31,6 +32,7 @@ const tree = new TreeView($("[data-tree]"), {
   onLayers: (path, layers) => { if (state.activeId) send("set_layers", { group_id: state.activeId, node_path: path, layers }); },
 });
 const groups = new GroupsView($("[data-groups]"), send);
+const diagram = new DiagramView($("[data-diagram]"));
 
 // --- server events ---------------------------------------------------------------------------
 
@@ -57,6 +59,7 @@ socket.on("backbone_loaded", (message) => {
   $("[data-module-count]").textContent = `${summary.modules} modules, repeated layers folded`;
   tree.render(message.tree.root);
   tree.showRoles(message.roles.labels);
+  diagram.setSchematic(message.diagram);
   for (const pick of document.querySelectorAll("[data-quick-pick]")) {
     pick.hidden = !pick.dataset.quickPick.split(",").every((role) => message.roles.available.includes(role));
   }
@@ -96,6 +99,9 @@ socket.on("design_updated", (design) => {
     item.firstElementChild.title = reason;
   }
   groups.update(design.groups, design.active_group);
+  const drawn = performance.now();
+  diagram.update(design);
+  state.diagramMs = (state.diagramMs || []).slice(-199).concat([performance.now() - drawn]);  // for benchmarks
   const totals = design.totals;
   $("[data-total-trainable]").textContent = exact(totals.trainable);
   $("[data-total-percent]").textContent = totals.percent.toFixed(4);
