@@ -56,8 +56,9 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
         group = payload.get("group_id") if isinstance(payload, dict) else None
         seq = payload.get("seq") if isinstance(payload, dict) and type(payload.get("seq")) is int else None
         field = getattr(error, "field", None)
-        socketio.emit("error", {"event": event, "message": str(error), "field": field,
-                                "group_id": group, "seq": seq}, to=request.sid)  # type: ignore[attr-defined]
+        node = payload.get("node_path") if isinstance(payload, dict) and isinstance(payload.get("node_path"), str) else None
+        socketio.emit("error", {"event": event, "message": str(error), "field": field, "group_id": group,
+                                "seq": seq, "node_path": node}, to=request.sid)  # type: ignore[attr-defined]
 
     def in_order(message: p.Message, event: str) -> None:
         """Refuse an event whose sequence number is not after the connection's last one."""

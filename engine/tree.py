@@ -69,6 +69,9 @@ class TreeNode:
     trainable_parameters: int = 0
     delta_parameters: int = 0
     fingerprint: int = 0
+    #: why a folded group or a node in it is not uniform (T5's block 0 holds the relative
+    #: position bias the other blocks reuse): shown beside the node
+    note: str = ""
 
     @property
     def is_group(self) -> bool:
@@ -80,6 +83,10 @@ class TreeNode:
         if self.members is None:
             return self.name
         return f"{format_indices(self.members)} ×{len(self.members)}"
+
+    def child(self, name: str) -> TreeNode | None:
+        """The direct child called ``name``, if any."""
+        return next((c for c in self.children if c.name == name), None)
 
     def walk(self) -> Iterator[TreeNode]:
         """This node and every descendant, depth first, in model order."""
@@ -102,6 +109,7 @@ class TreeNode:
             "total_parameters": self.total_parameters,
             "trainable_parameters": self.trainable_parameters,
             "delta_parameters": self.delta_parameters,
+            "note": self.note,
             "children": [child.to_dict() for child in self.children],
         }
 
@@ -239,34 +247,39 @@ def _fill_totals(node: TreeNode) -> None:
 def _collapse(
     parallel: list[TreeNode], path: str, name: str, members: list[int] | None
 ) -> TreeNode:
-    """Collapse structurally identical ``parallel`` nodes (one per member) into one node."""
-    first = parallel[0]
+    """Collapse ``parallel`` nodes (one per member) into one node. Their children are aligned by
+    name: a child some members lack (T5's relative position bias, only in block 0) becomes a
+    node of the members that have it, with a note."""
+    first = _base(parallel)
+    prefix = f"{path}." if path else ""
     children: list[TreeNode] = []
-    groups: dict[int, list[int]] = {}
+    groups = _fold_groups(first.children)
+    numeric_count = sum(len(g) for g in groups)
+    grouped = {position: group for group in groups for position in group}
     for position, child in enumerate(first.children):
-        if child.name.isdigit():
-            groups.setdefault(child.fingerprint, []).append(position)
-    numeric_count = sum(len(g) for g in groups.values())
-    emitted: set[int] = set()
-    for position, child in enumerate(first.children):
-        prefix = f"{path}." if path else ""
-        if not child.name.isdigit():
-            aligned = [node.children[position] for node in parallel]
+        if not child.name.isdigit() or len(grouped[position]) == 1:
+            aligned = [node.child(child.name) for node in parallel]
             children.append(_collapse(aligned, prefix + child.name, child.name, None))
             continue
-        group = groups[child.fingerprint]
+        group = grouped[position]
         if group[0] != position:
-            continue
-        emitted.add(position)
-        if len(group) == 1:
-            aligned = [node.children[position] for node in parallel]
-            children.append(_collapse(aligned, prefix + child.name, child.name, None))
             continue
         indices = [int(first.children[p].name) for p in group]
         segment = GROUP_WILDCARD if len(group) == numeric_count else format_indices(indices)
-        aligned = [node.children[p] for node in parallel for p in group]
-        children.append(_collapse(aligned, prefix + segment, segment, indices))
-    node = TreeNode(
+        aligned = [node.child(first.children[p].name) for node in parallel for p in group]
+        folded = _collapse(aligned, prefix + segment, segment, indices)
+        extended = sorted(i for i, p in zip(indices, group) if first.children[p].fingerprint != folded.fingerprint)
+        if extended:
+            folded.note = (f"{name or 'layer'} {format_indices(extended)} also hold"
+                           f"{'s' if len(extended) == 1 else ''} modules the others lack; they fold with the rest")
+        children.append(folded)
+    known = {child.name for child in first.children}
+    for extra in dict.fromkeys(c.name for node in parallel for c in node.children if c.name not in known):
+        having = [node.child(extra) for node in parallel if node.child(extra) is not None]
+        node = _collapse(having, prefix + extra, extra, None)
+        node.note = f"only in {len(having)} of {len(parallel)} members: {', '.join(h.path for h in having[:3])}"
+        children.append(node)
+    return TreeNode(
         path=path,
         name=name,
         class_name=first.class_name,
@@ -280,7 +293,60 @@ def _collapse(
         delta_parameters=first.delta_parameters,
         fingerprint=first.fingerprint,
     )
-    return node
+
+
+def _base(parallel: list[TreeNode]) -> TreeNode:
+    """The member the others extend: the most common structure (its counts are the node's)."""
+    counts: dict[int, int] = {}
+    for node in parallel:
+        counts[node.fingerprint] = counts.get(node.fingerprint, 0) + 1
+    return max(parallel, key=lambda node: counts[node.fingerprint])
+
+
+def _fold_groups(children: list[TreeNode]) -> list[list[int]]:
+    """Positions of numbered siblings that fold together: identical structures, plus a sibling
+    next to them whose structure only adds modules to theirs (T5's block 0)."""
+    groups: dict[int, list[int]] = {}
+    for position, child in enumerate(children):
+        groups.setdefault(child.fingerprint if child.name.isdigit() else -1 - position, []).append(position)
+    merged = [g for g in groups.values() if len(g) > 1]
+    for single in [g for g in groups.values() if len(g) == 1 and children[g[0]].name.isdigit()]:
+        position = single[0]
+        home = next((g for g in merged if position in (g[0] - 1, g[-1] + 1)
+                     and _extends(children[position], children[g[0]])), None)
+        if home is not None:
+            home.append(position)
+            home.sort()
+        else:
+            merged.append(single)
+    singles = [[p] for p, c in enumerate(children) if not c.name.isdigit()]
+    return sorted(merged + singles)
+
+
+def _extends(node: TreeNode, base: TreeNode) -> bool:
+    """``node`` is ``base`` with plain modules added somewhere below: the same classes and
+    parameters (shape, trainable, delta) for everything ``base`` has, no delta in what it adds,
+    and what it adds frozen or trainable as ``base`` is (a layer holding a delta, or one unfrozen
+    differently, never folds with plain ones)."""
+    def signature(n: TreeNode) -> list[tuple[Any, ...]]:
+        return [(p.name, p.shape, p.trainable, p.is_delta) for p in n.parameters]
+
+    if node.class_name != base.class_name or node.is_delta != base.is_delta or signature(node) != signature(base):
+        return False
+    mine = {child.name: child for child in node.children}
+    theirs = {child.name for child in base.children}
+    added = [mine[name] for name in mine if name not in theirs]
+    if any(n.is_delta or n.delta_parameters for child in added for n in child.walk()):
+        return False
+    # what it adds is frozen or trained alike with the rest (an unfrozen extra never folds away)
+    frozen = base.trainable_parameters == 0
+    trained = base.trainable_parameters == base.total_parameters
+    for extra in added:
+        if not ((frozen and extra.trainable_parameters == 0)
+                or (trained and extra.trainable_parameters == extra.total_parameters)):
+            return False
+    return all(c.name in mine and (mine[c.name].fingerprint == c.fingerprint or _extends(mine[c.name], c))
+               for c in base.children)
 
 
 def format_indices(indices: list[int]) -> str:

@@ -131,7 +131,14 @@ socket.on("error", (error) => {
   const panel = error.group_id ? $(`[data-group-id="${CSS.escape(error.group_id)}"]`) : null;
   const field = error.field || "group";
   if (field === "backbone") { $("[data-load-progress]").hidden = true; showError(document, "backbone", error.message); return; }
-  if (field === "layers" || field === "node") { showError(document, "group", error.message); return; }
+  if (field === "layers" || field === "node") {
+    // at the layer box it came from, when the tree shows it; else at the groups
+    const item = error.node_path && document.querySelector(`[data-tree] [data-node-path="${CSS.escape(error.node_path)}"]`);
+    const box = item && item.querySelector(':scope > .row [data-error="layers"]');
+    if (box) showError(item.firstElementChild, "layers", error.message);
+    else showError(document, "group", error.message);
+    return;
+  }
   showError(panel || document, panel ? field : (field === "dtype" ? "dtype" : "group"), error.message);
 });
 

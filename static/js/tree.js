@@ -31,10 +31,12 @@ function nodeRow(node, { checkable }) {
     row.append(el("span", { class: "node-count", title: `${exact(node.total_parameters)} parameters${each}`,
       text: `${humanCount(node.total_parameters)}${each}` }));
   }
+  if (node.note) row.append(el("span", { class: "node-note", "data-node-note": node.note, title: node.note, text: "≠" }));
   if (checkable && node.members) {
     row.append(el("input", { class: "layers", "data-node-layers": true, size: 7, tabindex: "-1",
       value: compactRange(node.members), "aria-label": `layers of ${node.path} for the active group`,
       title: "layers for the active group, e.g. 0-5 or 6,8,10" }));
+    row.append(el("span", { class: "error", "data-error": "layers", role: "alert" }));  // this box's errors
   }
   if (checkable) row.append(el("span", { class: "node-marks", "data-node-marks": true }));
   return row;

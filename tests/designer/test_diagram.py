@@ -32,3 +32,7 @@ def test_a_fused_projection_and_a_second_stack_noted():
     assert _outline("catalog:gpt2")[0][4] == [("attn.qkv", False), ("attn.o", True)]
     t5 = layer_schematic(load("catalog:t5-base"))
     assert t5["stack"] == "encoder.block" and t5["other_stacks"] == ["decoder.block"]
+
+
+def test_a_model_without_layer_roles_has_no_schematic():
+    assert layer_schematic(load("python:tests.designer.slow_models:tiny", allow_python=True)) is None

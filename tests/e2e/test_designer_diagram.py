@@ -3,7 +3,7 @@ module with its route and group colour, redrawn on every design change."""
 
 from playwright.sync_api import Page, expect
 
-from tests.e2e.helpers import group, wait_update
+from tests.e2e.helpers import group, load, wait_update
 
 QUERY = "encoder.layer.*.attention.self.query"
 VALUE = "encoder.layer.*.attention.self.value"
@@ -43,11 +43,9 @@ def test_the_diagram_draws_each_delta_where_and_how_it_acts(designer: Page, arti
     expect(delta(page, down)).to_have_attribute("data-diagram-route", "after")
 
 
-def test_a_model_without_recognised_layers_says_so(designer: Page):
+def test_the_diagram_follows_the_backbone_shown(designer: Page):
     page = designer
-    page.select_option("[data-backbone-kind]", "catalog")
-    page.fill("[data-backbone-input]", "llama-3.1-405b")
-    page.click("[data-backbone-load]")
+    load(page, "catalog", "llama-3.1-405b")
     expect(page.locator("[data-tree]")).to_have_attribute("data-ready", "catalog:llama-3.1-405b")
     expect(page.locator("[data-diagram]")).to_have_attribute("data-diagram", "model.layers.*")
     expect(page.locator('[data-diagram] [data-diagram-node="model.layers.*.mlp.gate_proj"]')).to_have_count(1)

@@ -94,7 +94,10 @@ def test_tick_in_a_folded_group_selects_all_layers_and_the_range_narrows_it(desi
         "indeterminate", True)
     layers.fill("7-9")
     layers.press("Enter")
-    expect(page.locator('[data-error="group"]')).to_contain_text("7-9 are not in 0-5")
+    # the error shows at that layer box, not far away at the groups
+    box_error = node(page, "encoder.layer.*").locator('> .row [data-error="layers"]')
+    expect(box_error).to_contain_text("7-9 are not in 0-5")
+    expect(box_error).to_be_visible()
     assert number(page, "[data-group-trainable]") == 3 * 2 * 8 * (384 + 384)
 
 
@@ -153,3 +156,21 @@ def test_modules_the_method_cannot_wrap_are_dimmed_and_a_parent_tick_selects_bel
     wait_update(page, lambda: box.click())
     assert number(page, "[data-total-trainable]") == 6 * 4 * 8 * (384 + 384)  # q, k, v, output.dense ×6 layers
     expect(page.locator('[data-error="selection"]')).to_have_text("")
+
+
+def test_t5_block_0_folds_with_the_rest_and_says_why(designer: Page):
+    page = designer
+    load(page, "catalog", "t5-base")
+    expect(page.locator("[data-tree]")).to_have_attribute("data-ready", "catalog:t5-base")
+    blocks = node(page, "encoder.block.*")
+    expect(blocks.locator("> .row .node-name")).to_have_text("0-11 ×12")
+    expect(blocks.locator("> .row [data-node-note]")).to_have_attribute(
+        "data-node-note", "block 0 also holds modules the others lack; they fold with the rest")
+    expand(page, "encoder.block.*.layer", "encoder.block.*.layer.0", "encoder.block.*.layer.0.SelfAttention")
+    bias = node(page, "encoder.block.*.layer.0.SelfAttention.relative_attention_bias")
+    expect(bias).to_have_attribute("data-node-count", "1")
+    expect(bias.locator("> .row [data-node-note]")).to_have_attribute("data-node-note", re.compile("^only in 1 of 12"))
+    wait_update(page, lambda: group(page).locator("[data-expressions]").fill("attn.q"))
+    query = node(page, "encoder.block.*.layer.0.SelfAttention.q")
+    expect(query.locator("> .row [data-node-check]")).to_be_checked()  # all 12 blocks' q, block 0 included
+    expect(query).to_have_attribute("data-node-count", "12")

@@ -153,3 +153,39 @@ def test_a_huge_layer_range_is_refused_before_it_is_expanded():
         parse_indices("0-999999999999", limit=12)
     assert time.perf_counter() - start < 0.05
     assert parse_indices("0-2,11", limit=12) == [0, 1, 2, 11]
+
+
+def test_t5_block_0_folds_with_the_rest_and_its_extra_module_stays_selectable():
+    from engine import load_backbone, resolve
+
+    model = load_backbone("catalog:t5-base").model
+    tree = ModuleTree.from_model(model)
+    collapsed = tree.collapse()
+    encoder = collapsed.nodes["encoder.block.*"]
+    assert encoder.label == "0-11 ×12" and encoder.member_paths == [f"encoder.block.{i}" for i in range(12)]
+    assert "block 0 also holds modules the others lack" in encoder.note
+    assert encoder.total_parameters == tree.nodes["encoder.block.1"].total_parameters  # counts of the common block
+    bias = collapsed.nodes["encoder.block.*.layer.0.SelfAttention.relative_attention_bias"]
+    assert bias.member_paths == ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias"]
+    assert bias.note.startswith("only in 1 of 12 members")
+    query = collapsed.nodes["encoder.block.*.layer.0.SelfAttention.q"]
+    assert query.member_paths == [f"encoder.block.{i}.layer.0.SelfAttention.q" for i in range(12)]
+    assert query.to_dict()["note"] == "" and encoder.to_dict()["note"] == encoder.note
+    # every real module is still in exactly one node of the collapsed tree
+    covered = [p for node in collapsed.root.walk() if node.path for p in node.member_paths]
+    assert sorted(covered) == sorted(tree.paths)
+    assert resolve(tree, ["relative_attention_bias"]).paths == [
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias"]
+
+
+def test_an_extra_module_unfrozen_unlike_its_layer_keeps_that_layer_apart():
+    from engine import load_backbone
+
+    model = load_backbone("catalog:t5-base").model
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    assert "encoder.block.*" in ModuleTree.from_model(model).collapse().nodes  # all frozen: folds
+    model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad_(True)
+    nodes = ModuleTree.from_model(model).collapse().nodes
+    assert "encoder.block.0" in nodes and "encoder.block.1-11" in nodes
