@@ -32,7 +32,7 @@ export class DesignsView {
       el("td", { [`${attribute}`]: "a", text: a }), el("td", { [`${attribute}`]: "b", text: b })]);
     const groups = (key) => side(key).groups.map((g) => `${g.name} (${g.method}): ${exact(g.trainable)}`).join("; ");
     const table = el("table", { class: "comparison" }, [
-      el("tr", {}, [el("th", {}), el("th", { scope: "col", text: side("a").name }), el("th", { scope: "col", text: side("b").name })]),
+      el("tr", {}, [el("th", { scope: "col", text: "measure" }), el("th", { scope: "col", text: side("a").name }), el("th", { scope: "col", text: side("b").name })]),
       row("groups", groups("a"), groups("b"), "data-compare-groups"),
       row("trainable", exact(side("a").totals.trainable), exact(side("b").totals.trainable), "data-compare-total"),
       row("checkpoint", humanBytes(side("a").totals.checkpoint_bytes), humanBytes(side("b").totals.checkpoint_bytes),

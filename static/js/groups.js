@@ -60,7 +60,9 @@ export class GroupsView {
         panel = this.build(group);
         this.panels.set(group.id, panel);
       }
-      this.container.append(panel);  // keeps server order
+      // keep the server's order, moving a panel only when it is out of place: moving the panel
+      // that holds the focus would drop the focus to <body>
+      if (this.container.children[index] !== panel) this.container.insertBefore(panel, this.container.children[index] || null);
       this.patch(panel, group, index, group.id === activeId);
     });
     for (const [id, panel] of this.panels) {

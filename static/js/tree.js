@@ -33,7 +33,7 @@ function nodeRow(node, { checkable }) {
   }
   if (node.note) row.append(el("span", { class: "node-note", "data-node-note": node.note, title: node.note, text: "≠" }));
   if (checkable && node.members) {
-    row.append(el("input", { class: "layers", "data-node-layers": true, size: 7, tabindex: "-1",
+    row.append(el("input", { class: "layers", "data-node-layers": true, size: 7, tabindex: "0",
       value: compactRange(node.members), "aria-label": `layers of ${node.path} for the active group`,
       title: "layers for the active group, e.g. 0-5 or 6,8,10" }));
     row.append(el("span", { class: "error", "data-error": "layers", role: "alert" }));  // this box's errors
