@@ -114,6 +114,8 @@ export class TreeView {
       if (box) {
         box.checked = state === "full";
         box.indeterminate = state === "partial";
+        // the tree item states it too, for assistive technology: checked, mixed or not
+        item.setAttribute("aria-checked", state === "full" ? "true" : state === "partial" ? "mixed" : "false");
       }
       item.classList.toggle("selected", state === "full");
       const badges = row.querySelector("[data-node-marks]");

@@ -121,6 +121,9 @@ def test_the_whole_design_task_by_keyboard_alone(page_with_axe: Page):
             press("ArrowDown")
         wait_update(page, lambda: press("Space"))
     expect(page.locator("[data-total-trainable]")).to_have_text("73,728")
+    expect(node(page, "encoder.layer.*.attention.self.query")).to_have_attribute("aria-checked", "true")
+    expect(node(page, "encoder.layer.*.attention.self.key")).to_have_attribute("aria-checked", "false")
+    expect(node(page, "encoder.layer.*.attention.self")).to_have_attribute("aria-checked", "mixed")
     tab_to("[data-node-layers]", "Shift+Tab")  # the folded group's layer box, above the leaves
     page.keyboard.press("Control+a")
     page.keyboard.type("0-2")

@@ -131,6 +131,35 @@ def test_screenshot_for_the_readme(designer: Page):
     assert (ROOT / "docs" / "designer.png").stat().st_size > 20_000
 
 
+def test_screenshots_of_the_compare_view_and_the_memory_planner_for_the_readme(designer: Page):
+    page = designer
+    page.set_viewport_size({"width": 1440, "height": 900})
+    page.locator("[data-designs-panel] > summary").click()
+    for name, expressions in (("readme-qv", "attn.q\nattn.v"), ("readme-all", "attn.q\nattn.k\nattn.v\nattn.o")):
+        wait_update(page, lambda: group(page).locator("[data-expressions]").fill(expressions))
+        page.fill("[data-design-name]", name)
+        page.click("[data-design-save]")
+        expect(page.locator(f'[data-design-item="{name}"]')).to_be_visible()
+    page.select_option("[data-compare-a]", "readme-qv")
+    page.select_option("[data-compare-b]", "readme-all")
+    page.click("[data-compare-run]")
+    expect(page.locator("[data-compare-result]")).not_to_be_empty()
+    expand(page, "encoder.layer.*.attention", "encoder.layer.*.attention.self")
+    page.locator("[data-compare-result]").scroll_into_view_if_needed()
+    page.screenshot(path=str(ROOT / "docs" / "designer-compare.png"))
+    page.locator("[data-designs-panel] > summary").click()
+    page.locator("[data-memory-planner] > summary").click()
+    page.fill('[data-plan="sequence"]', "512")
+    page.fill('[data-plan="batch"]', "32")
+    page.select_option('[data-plan="gpu"]', "24")
+    page.locator('[data-plan="batch"]').dispatch_event("change")
+    expect(page.locator("[data-memory-planner]")).to_have_attribute("data-plan-state", "ready")
+    page.locator("[data-memory-planner]").scroll_into_view_if_needed()
+    page.locator("[data-memory-planner]").screenshot(path=str(ROOT / "docs" / "designer-planner.png"))
+    for name in ("designer-compare.png", "designer-planner.png"):
+        assert (ROOT / "docs" / name).stat().st_size > 10_000
+
+
 def test_saved_designs_are_listed_opened_duplicated_renamed_and_deleted(designer: Page, live_workspace):
     page = designer
     page.click("[data-designs-panel] > summary")
