@@ -4,7 +4,7 @@
     .venv/bin/python tests/plant_bugs.py "rsLoRA ignored"
 
 A test suite that lets one of these through cannot be trusted with that path. Each bug is a one-line
-edit of the engine, undone afterwards whatever happens. Not collected by pytest (a tool, not a test).
+edit of the engine or the designer, undone afterwards whatever happens. Not collected by pytest (a tool, not a test).
 """
 import pathlib
 import subprocess
@@ -83,6 +83,28 @@ MUTANTS = [
  ("a typed real module name read as a common name", "engine/roles/common_names.py",
   "        if typed and structure.tree.tails().get(expression):", "        if False:",
   ["tests/engine/test_opendelta_parity.py"]),
+ ("layer ranges listed wrong (a run's last index dropped)", "engine/addressing.py",
+  "        top = min(high, 10 ** len(str(low)) - 1)  # one number of digits at a time",
+  "        top = min(high - 1, 10 ** len(str(low)) - 1)  # one number of digits at a time",
+  ["tests/engine/test_addressing.py"]),
+ ("activation trace counts nothing of dropout (eval mode)", "engine/memory_plan.py",
+  "module_mode(model, training=True)", "module_mode(model, training=False)",
+  ["tests/engine/test_memory_plan.py"]),
+ ("a layer holding a delta folds with plain layers", "engine/tree.py",
+  "    if any(n.is_delta or n.delta_parameters for child in added for n in child.walk()):",
+  "    if False:",
+  ["tests/engine/test_tree.py"]),
+
+ ("out-of-order events applied", "designer/events.py",
+  "        if last is not None and message.seq <= last:", "        if False:",
+  ["tests/designer/test_events.py"]),
+ ("typed expressions kept after they stop reading back", "designer/session.py",
+  "            edited.typed = typed if not roles or self._reads_back(typed, edited.selection) else []",
+  "            edited.typed = typed",
+  ["tests/designer/test_events.py"]),
+ ("matching work not bounded for imports", "designer/session.py",
+  "                *design.unfrozen_modules], \"import\")", "                ], \"import\") if False else None",
+  ["tests/hostile/test_payloads.py::test_matching_work_is_bounded_before_the_engine_matches"]),
 ]
 
 

@@ -189,3 +189,19 @@ def test_an_extra_module_unfrozen_unlike_its_layer_keeps_that_layer_apart():
     model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad_(True)
     nodes = ModuleTree.from_model(model).collapse().nodes
     assert "encoder.block.0" in nodes and "encoder.block.1-11" in nodes
+
+
+def test_a_frozen_delta_still_keeps_its_layer_apart():
+    class Delta(nn.Module):
+        is_delta_module = True
+
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Linear(4, 1, bias=False)
+
+    model = Toy()
+    model.layers[3].proj.add_module("lora", Delta())
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # a delta loaded for inference: frozen like the rest
+    nodes = ModuleTree.from_model(model).collapse().nodes
+    assert "layers.0-2" in nodes and "layers.3" in nodes and "layers.*" not in nodes
