@@ -54,14 +54,17 @@ def test_a_layer_that_differs_is_not_folded_and_frozen_counts_show():
     )
 
 
+class Delta(nn.Module):
+    """A one-Linear delta module, as the engine marks them."""
+
+    is_delta_module = True
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Linear(4, 1, bias=False)
+
+
 def test_delta_modules_are_marked_and_never_folded_with_plain_layers():
-    class Delta(nn.Module):
-        is_delta_module = True
-
-        def __init__(self):
-            super().__init__()
-            self.down = nn.Linear(4, 1, bias=False)
-
     model = Toy()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -192,13 +195,6 @@ def test_an_extra_module_unfrozen_unlike_its_layer_keeps_that_layer_apart():
 
 
 def test_a_frozen_delta_still_keeps_its_layer_apart():
-    class Delta(nn.Module):
-        is_delta_module = True
-
-        def __init__(self):
-            super().__init__()
-            self.down = nn.Linear(4, 1, bias=False)
-
     model = Toy()
     model.layers[3].proj.add_module("lora", Delta())
     for parameter in model.parameters():
