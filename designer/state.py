@@ -25,6 +25,7 @@ from engine import (
     load_backbone,
     peft_default_modules,
 )
+from engine.memory_plan import max_positions
 
 
 @dataclass
@@ -123,6 +124,7 @@ class LoadedBackbone:
             "is_meta": self.backbone.is_meta,
             "parameters": self.tree.total_parameters,
             "modules": len(self.tree.paths),
+            "max_positions": max_positions(self.twin),
         }
 
 

@@ -102,9 +102,8 @@ def trace_activations(model: nn.Module, setup: TrainingSetup) -> ActivationTrace
         raise ConfigError("activations are traced on the meta device: pass the weight-free twin of the model")
     sizes: dict[int, tuple[int, bool]] = {}
     sequence = setup.sequence
-    config: Any = getattr(model, "config", None)
-    longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(longest, int) and sequence > longest:
+    longest = max_positions(model)
+    if longest is not None and sequence > longest:
         raise ConfigError(f"sequence {sequence:,} is longer than {type(model).__name__} reads "
                           f"(max_position_embeddings = {longest:,}); plan with at most {longest:,} tokens")
 
@@ -129,9 +128,17 @@ def trace_activations(model: nn.Module, setup: TrainingSetup) -> ActivationTrace
                 errors.append(f"{type(exc).__name__}: {exc}")
         else:
             raise ConfigError(f"could not trace a training step of {type(model).__name__} on meta: {errors[-1]}")
+    config: Any = getattr(model, "config", None)
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or 0)
     return ActivationTrace(sum(size for size, _ in sizes.values()),
                            sum(size for size, scores in sizes.values() if scores), _layer_count(model), hidden)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model reads (its position table), when its config says."""
+    config: Any = getattr(model, "config", None)
+    longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return longest if isinstance(longest, int) and not isinstance(longest, bool) else None
 
 
 def plan_memory(backbone_weight_bytes: int, trainable: int, trace: ActivationTrace,

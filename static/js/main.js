@@ -60,6 +60,7 @@ socket.on("backbone_loaded", (message) => {
   tree.render(message.tree.root);
   tree.showRoles(message.roles.labels);
   diagram.setSchematic(message.diagram);
+  planner.setBackbone(summary);
   for (const pick of document.querySelectorAll("[data-quick-pick]")) {
     pick.hidden = !pick.dataset.quickPick.split(",").every((role) => message.roles.available.includes(role));
   }

@@ -18,6 +18,18 @@ export class PlannerView {
     $("[data-plan-run]", root).addEventListener("click", () => this.plan());
   }
 
+  // The sequence box is bounded by what the backbone reads (MiniLM: 512 positions).
+  setBackbone(summary) {
+    const sequence = $('[data-plan="sequence"]', this.root);
+    if (summary.max_positions) {
+      sequence.max = String(summary.max_positions);
+      if (Number(sequence.value) > summary.max_positions) sequence.value = String(summary.max_positions);
+    } else {
+      sequence.removeAttribute("max");
+    }
+    this.plan();
+  }
+
   setup() {
     const value = (name) => $(`[data-plan="${name}"]`, this.root);
     const gpu = value("gpu").value;

@@ -16,11 +16,8 @@ def test_the_planner_shows_the_engines_breakdown_and_whether_it_fits(designer: P
     page = designer
     wait_update(page, lambda: group(page).locator("[data-expressions]").fill("attn.q\nattn.v"))
     planner = page.locator("[data-memory-planner]")
+    expect(page.locator('[data-plan="sequence"]')).to_have_value("512")  # what MiniLM reads at most
     planner.locator("> summary").click()
-    expect(page.locator('[data-error="plan"]')).to_contain_text(  # MiniLM reads 512 tokens at most
-        "sequence 2,048 is longer than BertModel reads (max_position_embeddings = 512)")
-    page.fill('[data-plan="sequence"]', "512")
-    page.locator('[data-plan="sequence"]').dispatch_event("change")
     expect(planner).to_have_attribute("data-plan-state", "ready")
     expect(page.locator("[data-plan-fits]")).to_have_attribute("data-plan-fits", "yes")
     assert bytes_of(page, "weights") == 22_713_216 * 2  # MiniLM in bf16
@@ -47,7 +44,12 @@ def test_the_planner_shows_the_engines_breakdown_and_whether_it_fits(designer: P
     page.check('[data-plan="checkpointing"]')
     expect(planner).to_have_attribute("data-plan-state", "ready")
     expect(page.locator('[data-plan-part="activations"] td').nth(1)).to_contain_text("gradient checkpointing")
-    # a bad value is an error at the panel; the design is untouched
+    # a bad value is an error at the panel, naming the limit; the design is untouched
+    page.fill('[data-plan="sequence"]', "4096")
+    page.locator('[data-plan="sequence"]').dispatch_event("change")
+    expect(page.locator('[data-error="plan"]')).to_contain_text(
+        "sequence 4,096 is longer than BertModel reads (max_position_embeddings = 512)")
+    page.fill('[data-plan="sequence"]', "512")
     page.fill('[data-plan="gpus"]', "0")
     page.locator('[data-plan="gpus"]').dispatch_event("change")
     expect(page.locator('[data-error="plan"]')).to_contain_text("gpus must be an integer from 1 to 4,096")
