@@ -3,8 +3,9 @@ client waiting for every answer, then the same sent without waiting (pipelined).
 
 Run: .venv/bin/python benchmarks/designer_load.py [--clients 20] [--ticks 100]
 Target (issue 13): p95 server answer ≤ 50 ms when waiting — ``server_ms``, measured by the server
-from an event's arrival to its answer (its lock and interpreter waits included). The round trip
-seen by the clients (all in this process, on the same machine) is printed beside it.
+from the event's handler starting to its answer (its lock and interpreter waits included; the
+autosave is written after the answer by a background writer, so it never holds the connection).
+The round trip seen by the clients (all in this process, on the same machine) is printed beside it.
 """
 
 from __future__ import annotations

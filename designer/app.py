@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ def create_app(config: dict[str, Any] | None = None) -> tuple[Flask, SocketIO]:
     backbones = BackboneCache(app.config["BACKBONE"], int(app.config["BACKBONE_BUDGET_BYTES"]))
     store = SessionStore(Path(app.config["WORKSPACE"]), backbones, int(app.config["MAX_SESSIONS"]))
     app.extensions["delta_designer"] = store
+    atexit.register(store.flush_autosaves)  # a stopping server writes what its writer still holds
     app.extensions["delta_designer_named"] = NamedDesigns(Path(app.config["WORKSPACE"]))
     security.install(app)
     app.register_blueprint(bp)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -104,6 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}/" + (f"?token={token}" if token else "")
     print(f"Delta Designer serving on {url}", flush=True)
     if token is None:  # loopback: the development server is enough for one person's browser
+        # SIGTERM ends the server like Ctrl+C, so exit handlers run (queued autosaves are written)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         app = build()
         app.extensions["delta_designer_socketio"].run(app, host=args.host, port=args.port,
                                                       allow_unsafe_werkzeug=True)

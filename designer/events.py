@@ -83,11 +83,12 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
                     session = current()
                     message = p.parse(schema, payload, event)
                     in_order(message, event)
-                    function(session, message)
-                    store.edited(session)
-                    answer = {**session.snapshot(), "seq": message.seq,
-                              "server_ms": round((time.perf_counter() - started) * 1e3, 3)}
-                    socketio.emit("design_updated", answer, to=session.id)
+                    with session.saved_after():  # the answer first, then the autosave
+                        function(session, message)
+                        store.edited(session)
+                        answer = {**session.snapshot(), "seq": message.seq,
+                                  "server_ms": round((time.perf_counter() - started) * 1e3, 3)}
+                        socketio.emit("design_updated", answer, to=session.id)
                 except (p.PayloadError, DeltaError) as error:
                     report(error, event, payload)
                 except Exception as error:  # noqa: BLE001 - the server must stay up

@@ -126,7 +126,7 @@ class Undoable:
             raise PayloadError(empty, field)
         self.groups, self.active = copy.deepcopy(snapshot.groups), snapshot.active
         self._counter, self.dtype = snapshot.counter, snapshot.dtype
-        self._save(self.state())  # type: ignore[attr-defined]
+        self._persist()  # type: ignore[attr-defined]
 
     def _snapshot(self) -> Snapshot:
         return Snapshot.of(self.groups, self.active, self._counter, self.dtype)

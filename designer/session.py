@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from designer.autosave import DeferredSave
 from designer.group import Group
 from designer.history import History, Shelf, Undoable
 from designer.payloads import MAX_GROUPS, PayloadError, check_match_work
@@ -34,10 +35,11 @@ from engine import (
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class DesignSession(Undoable):
+class DesignSession(Undoable, DeferredSave):
     """The design one browser context edits; thread-safe, autosaved through ``save``."""
 
-    def __init__(self, session_id: str, save: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, session_id: str, save: Callable[[dict[str, Any]], None],
+                 save_later: Callable[[DesignSession], None] | None = None) -> None:
         self.id = session_id
         self.loaded: LoadedBackbone | None = None
         self.preview: Previewer | None = None
@@ -45,7 +47,9 @@ class DesignSession(Undoable):
         self.active: str | None = None
         self.dtype = "bfloat16"
         self.lock = threading.RLock()
-        self._save = save
+        #: writes the autosave; ``save_later`` hands it to a background writer (DeferredSave)
+        self._save, self._deferring = save, threading.local()
+        self._save_later = save_later or (lambda session: session._save(session.state()))
         self._counter = 0
         #: counts snapshots sent: a page shows a design only if it is newer than the one it shows
         self._version = 0
@@ -377,7 +381,7 @@ class DesignSession(Undoable):
 
     def _commit(self) -> None:
         self.history.record(self._snapshot())
-        self._save(self.state())
+        self._persist()
 
 
 def _within(path: str, roots: set[str]) -> bool:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from designer.autosave import AutosaveWriter
 from designer.preview import Previewer
 from designer.session import DesignSession
 from designer.state import BackboneCache, LoadedBackbone
@@ -53,6 +54,11 @@ class SessionStore:
         #: a browser's (cookie) session id → the tab session it edited last
         self._latest: dict[str, str] = {}
         self._guard = threading.Lock()
+        self._writer = AutosaveWriter(lambda session: self._save(session.id, session.state()))
+
+    def flush_autosaves(self, timeout: float = 10.0) -> bool:
+        """Wait until the background writer has written every queued autosave (shutdown, tests)."""
+        return self._writer.flush(timeout)
 
     def _remove_interrupted_writes(self) -> None:
         """Temporary files of autosaves a killed server never renamed into place (``.ID.json.*``;
@@ -82,7 +88,8 @@ class SessionStore:
             session = self._sessions.pop(session_id, None)
             restore = session is None
             if session is None:
-                session = DesignSession(session_id, lambda state, sid=session_id: self._save(sid, state))
+                session = DesignSession(session_id, lambda state, sid=session_id: self._save(sid, state),
+                                        self._writer.enqueue)
             self._sessions[session_id] = session  # most recently used last
             self._drop_idle_sessions()
         if restore:

@@ -130,6 +130,7 @@ def test_two_sessions_are_isolated_and_autosaved(server, tmp_path):
     first.emit("set_expressions", {"group_id": group, "expressions": ["query"]})
     assert last(first, "design_updated")["totals"]["trainable"] == 147_456
     assert not [e for e in second.get_received() if e["name"] == "design_updated"]
+    assert app.extensions["delta_designer"].flush_autosaves()  # written just after the answer
     saved = list((tmp_path / "sessions").glob("*.json"))
     assert len(saved) == 1  # the second session changed nothing, so it wrote nothing
     states = [json.loads(p.read_text()) for p in saved]

@@ -34,6 +34,7 @@ def test_first_visits_write_no_session_file_until_the_design_changes(tmp_path):
     client = socketio.test_client(app, flask_test_client=http)
     design = [e for e in client.get_received() if e["name"] == "design_updated"][-1]["args"][0]
     client.emit("toggle_nodes", {"group_id": design["groups"][0]["id"], "paths": ["lm_head"], "checked": True})
+    assert app.extensions["delta_designer"].flush_autosaves()
     assert len(list(sessions.glob("*.json"))) == 1  # the first change is autosaved
 
 
@@ -55,3 +56,20 @@ def test_idle_sessions_beyond_the_limit_leave_memory_and_come_back_from_disk(tmp
     connected.emit("toggle_nodes", {"group_id": group, "paths": ["lm_head"], "checked": True})
     assert [e for e in connected.get_received() if e["name"] == "design_updated"]  # never dropped
     assert changed.get("/api/design").get_json()["groups"][0]["name"] == "mine"  # back from disk
+
+
+def test_socket_edits_are_autosaved_after_the_answer_latest_design_last(tmp_path):
+    """The writer thread writes a burst of socket edits as the session's latest design, and a
+    stopping server (exit handlers) writes what it still holds."""
+    app, socketio = create_app({"BACKBONE": "catalog:gpt2", "WORKSPACE": str(tmp_path)})
+    http = app.test_client()
+    http.get("/")
+    client = socketio.test_client(app, flask_test_client=http)
+    group = [e for e in client.get_received() if e["name"] == "design_updated"][-1]["args"][0]["groups"][0]["id"]
+    for rank in range(1, 41):
+        client.emit("set_group", {"group_id": group, "hyperparameters": {"lora_r": rank}, "seq": rank})
+    store = app.extensions["delta_designer"]
+    assert store.flush_autosaves()
+    (saved,) = (tmp_path / "sessions").glob("*.json")
+    assert json.loads(saved.read_text())["groups"][0]["hyperparameters"]["lora_r"] == 40
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no temporary file left

@@ -3,9 +3,10 @@ design is the result of its own events in order — sent without waiting (pipeli
 clicker or a script does) or waiting for each answer — with no error, each client sees only its
 session, and answers come back in the order sent (their ``seq``) with growing versions.
 
-Latency is asserted loosely here (p95 of ``server_ms``, from an event's arrival to its answer,
-under 100 ms; every round trip under the hostile suite's 1 s): a timed unit test on a noisy
-2-core machine must not flake. The 50 ms target is measured by benchmarks/designer_load.py."""
+The server's answer time (``server_ms``, from the handler's start to its answer) must have a p95
+within the 50 ms target — it is about 2 ms, the autosave being written by a background writer
+after the answer — and every round trip must come within the hostile suite's 1 s. The figures
+side by side come from benchmarks/designer_load.py."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def test_every_client_ends_with_the_design_its_own_events_make(server, pipelined
         if not pipelined:
             print(f"round trip: median {statistics.median(load.round_trips) * 1e3:.1f} ms, "
                   f"p95 {p95(load.round_trips) * 1e3:.1f} ms, max {max(load.round_trips) * 1e3:.0f} ms")
-            assert p95(server_ms) <= 100
+            assert p95(server_ms) <= 50
             assert max(load.round_trips) <= 1.0
     finally:
         load.close()
