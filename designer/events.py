@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,8 +44,10 @@ def backbone_message(session: DesignSession) -> dict[str, Any]:
 
 def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
     sessions: dict[str, DesignSession] = {}
-    #: the last sequence number each connection sent (events on one connection run in order)
+    #: the last sequence number each connection sent (events on one connection run in order);
+    #: connections run on their own threads, so the dict is locked
     last_seq: dict[str, int] = {}
+    seq_lock = threading.Lock()
 
     def current() -> DesignSession:
         session = sessions.get(request.sid)  # type: ignore[attr-defined]
@@ -65,11 +68,12 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
         if message.seq is None:
             return
         sid = request.sid  # type: ignore[attr-defined]
-        last = last_seq.get(sid)
-        if last is not None and message.seq <= last:
-            raise p.PayloadError(f"{event}: event number {message.seq} came after number {last}; "
-                                 "events are applied in the order sent, so this one was not", "seq")
-        last_seq[sid] = message.seq
+        with seq_lock:
+            last = last_seq.get(sid)
+            if last is not None and message.seq <= last:
+                raise p.PayloadError(f"{event}: event number {message.seq} came after number {last}; "
+                                     "events are applied in the order sent, so this one was not", "seq")
+            last_seq[sid] = message.seq
 
     def handler(event: str, schema: type[p.Message]) -> Callable[[Callable[[DesignSession, Any], None]], None]:
         """Register ``event``: validate against ``schema``, run, then send the design to the
@@ -125,7 +129,8 @@ def register(socketio: SocketIO, app: Flask, store: SessionStore) -> None:
 
     @socketio.on("disconnect")
     def disconnect(*_: Any) -> None:
-        last_seq.pop(request.sid, None)  # type: ignore[attr-defined]
+        with seq_lock:
+            last_seq.pop(request.sid, None)  # type: ignore[attr-defined]
         session = sessions.pop(request.sid, None)  # type: ignore[attr-defined]
         if session is not None:
             store.connected(session.id, -1)

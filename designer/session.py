@@ -54,8 +54,7 @@ class DesignSession(Undoable, DeferredSave):
         #: counts snapshots sent: a page shows a design only if it is newer than the one it shows
         self._version = 0
         #: undo/redo of this backbone's design; the designs of the other backbones shown before
-        self.history = History()
-        self.shelf = Shelf()
+        self.history, self.shelf = History(), Shelf()
         #: the browser (cookie) session this tab's session was forked from, if any
         self.parent: str | None = None
 

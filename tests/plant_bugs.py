@@ -96,7 +96,7 @@ MUTANTS = [
   ["tests/engine/test_tree.py"]),
 
  ("out-of-order events applied", "designer/events.py",
-  "        if last is not None and message.seq <= last:", "        if False:",
+  "            if last is not None and message.seq <= last:", "            if False:",
   ["tests/designer/test_events.py"]),
  ("typed expressions kept after they stop reading back", "designer/session.py",
   "            edited.typed = typed if not roles or self._reads_back(typed, edited.selection) else []",

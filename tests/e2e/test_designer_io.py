@@ -20,6 +20,18 @@ def design_lora_qv(page: Page) -> None:
     assert number(page, "[data-total-trainable]") == 73_728
 
 
+def save_and_compare(page: Page, *designs: tuple[str, str]) -> None:
+    """Save a design per (name, expressions) from the open designs panel, then compare the two."""
+    for name, expressions in designs:
+        wait_update(page, lambda expressions=expressions: group(page).locator("[data-expressions]").fill(expressions))
+        page.fill("[data-design-name]", name)
+        page.click("[data-design-save]")
+        expect(page.locator(f'[data-design-item="{name}"]')).to_be_visible()
+    page.select_option("[data-compare-a]", designs[0][0])
+    page.select_option("[data-compare-b]", designs[1][0])
+    page.click("[data-compare-run]")
+
+
 def download(page: Page, kind: str, tmp_path: Path) -> Path:
     with page.expect_download() as info:
         page.click(f'[data-export="{kind}"]')
@@ -135,14 +147,7 @@ def test_screenshots_of_the_compare_view_and_the_memory_planner_for_the_readme(d
     page = designer
     page.set_viewport_size({"width": 1440, "height": 900})
     page.locator("[data-designs-panel] > summary").click()
-    for name, expressions in (("readme-qv", "attn.q\nattn.v"), ("readme-all", "attn.q\nattn.k\nattn.v\nattn.o")):
-        wait_update(page, lambda: group(page).locator("[data-expressions]").fill(expressions))
-        page.fill("[data-design-name]", name)
-        page.click("[data-design-save]")
-        expect(page.locator(f'[data-design-item="{name}"]')).to_be_visible()
-    page.select_option("[data-compare-a]", "readme-qv")
-    page.select_option("[data-compare-b]", "readme-all")
-    page.click("[data-compare-run]")
+    save_and_compare(page, ("readme-qv", "attn.q\nattn.v"), ("readme-all", "attn.q\nattn.k\nattn.v\nattn.o"))
     expect(page.locator("[data-compare-result]")).not_to_be_empty()
     expand(page, "encoder.layer.*.attention", "encoder.layer.*.attention.self")
     page.locator("[data-compare-result]").scroll_into_view_if_needed()
@@ -197,14 +202,7 @@ def test_saved_designs_are_listed_opened_duplicated_renamed_and_deleted(designer
 def test_two_saved_designs_compare_with_marks_on_the_tree(designer: Page):
     page = designer
     page.click("[data-designs-panel] > summary")
-    for name, expressions in (("cmp-q", "query"), ("cmp-qv", "query\nvalue")):
-        wait_update(page, lambda expressions=expressions: group(page).locator("[data-expressions]").fill(expressions))
-        page.fill("[data-design-name]", name)
-        page.click("[data-design-save]")
-        expect(page.locator(f'[data-design-item="{name}"]')).to_be_visible()
-    page.select_option("[data-compare-a]", "cmp-q")
-    page.select_option("[data-compare-b]", "cmp-qv")
-    page.click("[data-compare-run]")
+    save_and_compare(page, ("cmp-q", "query"), ("cmp-qv", "query\nvalue"))
     result = page.locator("[data-compare-result]")
     expect(result.locator('[data-compare-total="a"]')).to_have_text("36,864")
     expect(result.locator('[data-compare-total="b"]')).to_have_text("73,728")
