@@ -10,13 +10,23 @@ CHROMIUM ?= /usr/bin/chromium
 # torch is pinned in the same pip command as the rest: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install install-test browser lint bench clean dist
+.PHONY: run test install install-test browser lint bench clean dist docs fuzz
 
 run: install node_modules/.package-lock.json
 	$(VENV)/bin/delta-designer serve --host $(HOST) --port $(PORT) --backbone $(BACKBONE)
 
+# -p no:cacheprovider and PYTHONDONTWRITEBYTECODE: a test run leaves the checkout as it found it
 test: install-test node_modules/.package-lock.json browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE=1 $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# The README's screenshots, taken by the browser tests that otherwise write to a temporary folder.
+docs: install-test node_modules/.package-lock.json browser
+	DELTA_DOCS_DIR=$(CURDIR)/docs $(PY) -m pytest -p no:cacheprovider -q tests/e2e/test_designer_io.py -k readme
+
+# The generated tests with many random examples instead of make test's fixed ones.
+fuzz: install-test
+	DELTA_HYPOTHESIS_PROFILE=fuzz PYTHONDONTWRITEBYTECODE=1 $(PY) -m pytest -p no:cacheprovider -q \
+		-m generated $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

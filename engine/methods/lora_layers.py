@@ -72,12 +72,14 @@ class LoraLayer(DeltaModule):
 
     def add_mixed_into(self, module: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> bool:
         """Inference in a mixed-task batch when every delta on ``module`` is a LoRA layer this
-        path may compute directly: the first adds every row's own task's update at once
-        (:mod:`engine.methods.lora_mixed`), the others find it done. False: per-delta path."""
+        path may compute directly: whichever layer's hook runs first adds every row's own task's
+        update at once (:mod:`engine.methods.lora_mixed`), the others find it done. The hooks'
+        order need not follow the layers' (an unmerged layer is hooked again last), so "first"
+        is whoever finds nothing added yet. False: per-delta path."""
         batch = self.__dict__["_row_selector"].batch()
+        if lora_mixed.already_added(batch, module, target):
+            return True
         layers = [child for child in module._modules.values() if isinstance(child, DeltaModule)]
-        if layers[0] is not self:
-            return lora_mixed.already_added(batch, module, target)
         if not all(type(layer) is LoraLayer and layer._computes_directly(hidden, target) for layer in layers):
             return False
         lora_mixed.add_rows(batch, module, layers, hidden, target)

@@ -259,9 +259,10 @@ def _unbind_if_unused(module: nn.Module) -> None:
 
 def _shifted_positions(count: int, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
     """PEFT's prefix tuning passes the prefix as a cache, so the real tokens' positions start after
-    it: give the model those positions (unless the caller gave its own, as PEFT leaves them)."""
+    it: give the model those positions. Positions the caller gives (``generate()`` does) count
+    real tokens only, so they move by the prefix length, as PEFT moves them."""
     if kwargs.get("position_ids") is not None:
-        return args, kwargs
+        return args, {**kwargs, "position_ids": kwargs["position_ids"] + count}
     ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     hidden = ids if ids is not None else kwargs.get("inputs_embeds")
     if hidden is None:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +29,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-results"
+#: screenshots and traces of failing browser tests: outside the repository (tests never write into it)
+ARTIFACTS = Path(os.environ.get("DELTA_TEST_ARTIFACTS", Path(tempfile.gettempdir()) / "delta-designer-test-results"))
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +105,11 @@ def designer(page, live_server: str):
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def docs_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the README's screenshots go: ``docs/`` only under ``make docs`` (DELTA_DOCS_DIR),
+    a temporary folder otherwise — a test run never writes into the repository."""
+    chosen = os.environ.get("DELTA_DOCS_DIR")
+    return Path(chosen) if chosen else tmp_path_factory.mktemp("docs")

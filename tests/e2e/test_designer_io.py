@@ -130,7 +130,7 @@ def test_module_names_are_escaped_in_the_page(page: Page, tmp_path):
         process.wait(timeout=10)
 
 
-def test_screenshot_for_the_readme(designer: Page):
+def test_screenshot_for_the_readme(designer: Page, docs_images: Path):
     page = designer
     expand(page, "encoder.layer.*.attention", "encoder.layer.*.attention.self")
     tick(page, "encoder.layer.*.attention.self.query")
@@ -139,11 +139,11 @@ def test_screenshot_for_the_readme(designer: Page):
     wait_update(page, lambda: group(page, 1).locator("[data-method]").select_option("adapter"))
     wait_update(page, lambda: group(page, 1).locator("[data-expressions]").fill("ff.w2"))
     wait_update(page, lambda: group(page, 0).locator("[data-select-group]").click())
-    page.screenshot(path=str(ROOT / "docs" / "designer.png"))
-    assert (ROOT / "docs" / "designer.png").stat().st_size > 20_000
+    page.screenshot(path=str(docs_images / "designer.png"))
+    assert (docs_images / "designer.png").stat().st_size > 20_000
 
 
-def test_screenshots_of_the_compare_view_and_the_memory_planner_for_the_readme(designer: Page):
+def test_screenshots_of_the_compare_view_and_the_memory_planner_for_the_readme(designer: Page, docs_images: Path):
     page = designer
     page.set_viewport_size({"width": 1440, "height": 900})
     page.locator("[data-designs-panel] > summary").click()
@@ -151,7 +151,7 @@ def test_screenshots_of_the_compare_view_and_the_memory_planner_for_the_readme(d
     expect(page.locator("[data-compare-result]")).not_to_be_empty()
     expand(page, "encoder.layer.*.attention", "encoder.layer.*.attention.self")
     page.locator("[data-compare-result]").scroll_into_view_if_needed()
-    page.screenshot(path=str(ROOT / "docs" / "designer-compare.png"))
+    page.screenshot(path=str(docs_images / "designer-compare.png"))
     page.locator("[data-designs-panel] > summary").click()
     page.locator("[data-memory-planner] > summary").click()
     page.fill('[data-plan="sequence"]', "512")
@@ -160,9 +160,9 @@ def test_screenshots_of_the_compare_view_and_the_memory_planner_for_the_readme(d
     page.locator('[data-plan="batch"]').dispatch_event("change")
     expect(page.locator("[data-memory-planner]")).to_have_attribute("data-plan-state", "ready")
     page.locator("[data-memory-planner]").scroll_into_view_if_needed()
-    page.locator("[data-memory-planner]").screenshot(path=str(ROOT / "docs" / "designer-planner.png"))
+    page.locator("[data-memory-planner]").screenshot(path=str(docs_images / "designer-planner.png"))
     for name in ("designer-compare.png", "designer-planner.png"):
-        assert (ROOT / "docs" / name).stat().st_size > 10_000
+        assert (docs_images / name).stat().st_size > 10_000
 
 
 def test_saved_designs_are_listed_opened_duplicated_renamed_and_deleted(designer: Page, live_workspace):

@@ -320,3 +320,21 @@ def test_lora_deltas_sharing_modules_are_computed_together_and_see_factor_change
         assert first_layer.__dict__["_stacked_factors"][1] is not stacked
         assert not torch.allclose(first[1], second[1])
         check(second)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_merge_then_unmerge_of_the_first_lora_keeps_mixed_batches_exact(kind):
+    """After the first LoRA is merged and unmerged, its hook runs after the second's: the layer
+    whose hook runs first must add every row's update, and the other must not add its own again."""
+    model = tiny_model(kind, dtype=torch.float64)
+    deltas = {"a": _make(model, "lora", "a", 0), "b": _make(model, "lora", "b", 1)}
+    deltas["a"].merge()
+    deltas["a"].unmerge()
+    inputs = _inputs(kind, 4)
+    tasks = ["a", "b", None, "b"]
+    with torch.no_grad():
+        with engine.tasks(model, tasks):
+            mixed = main_tensor(model(**inputs))
+        for index, task in enumerate(tasks):
+            alone = _alone(deltas, task, lambda i=index: main_tensor(model(**_row(inputs, i))))
+            assert (mixed[index] - alone[0]).abs().max().item() <= 1e-10, (index, task)

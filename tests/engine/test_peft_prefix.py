@@ -106,3 +106,36 @@ def test_prefixes_peft_would_compute_otherwise_are_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="encoder-decoder"):
         export_peft(PrefixModel(tiny_model("t5"), prefix_token_num=2, shift_positions=True), tmp_path / "c")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_positions_the_caller_gives_move_past_the_prefix_as_in_peft(kind, tmp_path):
+    """PEFT adds num_virtual_tokens to position_ids a caller passes (generate() passes them)."""
+    inputs = _inputs(kind)
+    inputs["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]])
+    theirs = _peft_prefix(kind, False, tmp_path)
+    model = tiny_model(kind, dtype=torch.float64)
+    import_peft(tmp_path, model)
+    with torch.no_grad():
+        expected = main_tensor(theirs(**inputs))
+        got = main_tensor(model(**inputs))
+        unshifted = main_tensor(theirs(**{**inputs, "position_ids": inputs["position_ids"] - 3}))
+    assert (expected - unshifted).abs().max() > 1e-3  # the positions matter
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_generate_with_an_imported_prefix_scores_as_peft_s_forward(tmp_path):
+    """Each step of our greedy ``generate()`` (which passes position_ids) scores the next token as
+    PEFT's forward scores the same text. (PEFT 0.21's own generate() on transformers 5 disagrees
+    with its own forward, so its forward is the reference.)"""
+    inputs = tiny_inputs("llama")
+    theirs = _peft_prefix("llama", False, tmp_path)
+    model = tiny_model("llama", dtype=torch.float64)
+    import_peft(tmp_path, model)
+    got = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = main_tensor(theirs(input_ids=got.sequences, attention_mask=torch.ones_like(got.sequences)))
+    start = inputs["input_ids"].shape[1]
+    for step, scores in enumerate(got.scores):
+        torch.testing.assert_close(scores.double(), expected[:, start - 1 + step], rtol=0, atol=1e-5)
