@@ -12,8 +12,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from designer.payloads import parse
 from designer.state import attached
 from designer.views import current_session
-from engine.memory_plan import (
+from engine import (
     TrainingSetup,
+    computing_in,
     plan_memory,
     trace_activations,
     weight_bytes,
@@ -37,9 +38,11 @@ def memory_plan() -> Response:
 
 def _plan(loaded: Any, design: Any, setup: TrainingSetup) -> dict[str, Any]:
     model = loaded.planning_model()
-    with loaded.lock:  # the design is attached to a shared weight-free model for the trace
+    # the design is attached to a shared weight-free model, in the setup's compute dtype, for the trace
+    with loaded.lock, computing_in(model, setup.compute_dtype):
         weights = weight_bytes(model, setup)
         with attached(model, design) as applied:
             trainable = applied.num_trainable_parameters()
-            trace = trace_activations(model, setup)
+            trace = trace_activations(model, setup.batch, setup.sequence, attention=setup.attention,
+                                      checkpointing=setup.checkpointing)
     return {**plan_memory(weights, trainable, trace, setup), "trainable": trainable}

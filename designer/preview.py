@@ -13,15 +13,18 @@ from typing import TYPE_CHECKING, Any
 
 from designer.payloads import PayloadError
 from engine import (
+    WEIGHT_FORMATS,
     ModuleNotSupportedError,
+    TrainingSetup,
     checkpoint_bytes,
     compile_selection,
     estimate_delta,
     expand_common_names,
     method_for,
     module_parameters,
+    plan_memory,
     resolve,
-    training_memory,
+    weight_bytes,
 )
 
 if TYPE_CHECKING:
@@ -65,6 +68,7 @@ class Previewer:
         self._wrappable = _LRU(64)
         #: memory plans by design and training setup (each traces a forward on meta)
         self.plans = _LRU(64)
+        self._weights = _LRU(8)  # weight bytes by format
         self._marks = _LRU()
 
     def expressions(self, selection: list[str]) -> list[str]:
@@ -184,7 +188,16 @@ class Previewer:
                 marks[node.path] = "partial"
         return marks
 
-    def snapshot(self, groups: list[Group], dtype: str, active: str | None) -> dict[str, Any]:
+    def memory(self, trainable: int, weight_format: str) -> dict[str, Any]:
+        """The live training-memory line: the planner's own arithmetic (weights in the format,
+        trainable states with AdamW) for its default setup in that format, activations left out
+        until the planner traces them."""
+        setup = TrainingSetup(weight_format=weight_format)
+        loaded = self.loaded
+        weights = self._weights.get(weight_format, lambda: weight_bytes(loaded.twin, setup))
+        return {**plan_memory(weights, trainable, None, setup), "weight_format": weight_format}
+
+    def snapshot(self, groups: list[Group], weight_format: str, active: str | None) -> dict[str, Any]:
         """The ``design_updated`` payload."""
         loaded = self.loaded
         rows, total, saved = [], 0, 0
@@ -207,11 +220,26 @@ class Previewer:
                 "backbone": backbone,
                 "percent": 100.0 * total / backbone if backbone else 0.0,
                 "checkpoint_bytes": saved,
-                "memory": training_memory(backbone, total, dtype),
+                "memory": self.memory(total, weight_format),
             },
             "exports": {"peft": peft_availability(groups)},
             "unwrappable": self.unwrappable(next((g.method for g in groups if g.id == active), None)),
         }
+
+
+#: the names the live line's select used before it shared the planner's formats (old autosaves)
+_FORMAT_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16", "int4": "nf4"}
+
+
+def weight_format_named(name: str, fallback: str | None = None) -> str:
+    """One of the planner's weight formats, from its name or an old alias; an unknown name is an
+    error naming the choices (or ``fallback``, for restored state)."""
+    chosen = _FORMAT_ALIASES.get(name, name)
+    if chosen in WEIGHT_FORMATS:
+        return chosen
+    if fallback is not None:
+        return fallback
+    raise PayloadError(f"dtype must be one of {', '.join(WEIGHT_FORMATS)}; got {name!r}", "dtype")
 
 
 def peft_availability(groups: list[Group]) -> dict[str, Any]:

@@ -17,10 +17,14 @@ from designer.autosave import DeferredSave
 from designer.group import Group
 from designer.history import History, Shelf, Undoable
 from designer.payloads import MAX_GROUPS, PayloadError, check_match_work
-from designer.preview import UNFREEZE, Previewer, default_hyperparameters
+from designer.preview import (
+    UNFREEZE,
+    Previewer,
+    default_hyperparameters,
+    weight_format_named,
+)
 from designer.state import LoadedBackbone
 from engine import (
-    DTYPE_BYTES,
     ConfigError,
     DeltaError,
     Design,
@@ -45,7 +49,7 @@ class DesignSession(Undoable, DeferredSave):
         self.preview: Previewer | None = None
         self.groups: list[Group] = []
         self.active: str | None = None
-        self.dtype = "bfloat16"
+        self.dtype = "bf16"  # the weight format the live memory line assumes
         self.lock = threading.RLock()
         #: writes the autosave; ``save_later`` hands it to a background writer (DeferredSave)
         self._save, self._deferring = save, threading.local()
@@ -228,9 +232,7 @@ class DesignSession(Undoable, DeferredSave):
 
     def set_dtype(self, dtype: str) -> None:
         with self.lock:
-            if dtype not in DTYPE_BYTES:
-                raise PayloadError(f"dtype must be one of {', '.join(DTYPE_BYTES)}", "dtype")
-            self.dtype = dtype
+            self.dtype = weight_format_named(dtype)
             self._commit()
 
     # --- designs -----------------------------------------------------------------------------
@@ -316,7 +318,7 @@ class DesignSession(Undoable, DeferredSave):
                                     typed if typed and self._reads_back(typed, selection) else []))
             self.groups = groups
             self.active = state.get("active")
-            self.dtype = state.get("dtype", self.dtype)
+            self.dtype = weight_format_named(str(state.get("dtype", self.dtype)), fallback=self.dtype)
             self._counter = int(state.get("counter", len(groups)))
             if "shelf" in state:
                 self.shelf.load(state["shelf"])

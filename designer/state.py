@@ -23,9 +23,9 @@ from engine import (
     ModelStructure,
     ModuleTree,
     load_backbone,
+    max_positions,
     peft_default_modules,
 )
-from engine.memory_plan import max_positions
 
 
 @dataclass

@@ -17,7 +17,6 @@ _EXPORTS: MappingProxyType[str, str] = MappingProxyType({
     "CATALOG": "engine.catalog",
     "base_model_id": "engine.catalog",
     "COMMON_NAMES": "engine.roles",
-    "DTYPE_BYTES": "engine.estimate",
     "REGISTRY": "engine.registry",
     "DeltaEstimate": "engine.estimate",
     "ModelStructure": "engine.roles",
@@ -32,7 +31,14 @@ _EXPORTS: MappingProxyType[str, str] = MappingProxyType({
     "import_peft": "engine.interop.peft",
     "peft_adapter_config": "engine.interop.peft",
     "peft_default_modules": "engine.interop.peft_matching",
-    "training_memory": "engine.estimate",
+    "ActivationTrace": "engine.memory_trace",
+    "TrainingSetup": "engine.memory_plan",
+    "WEIGHT_FORMATS": "engine.memory_plan",
+    "computing_in": "engine.memory_trace",
+    "max_positions": "engine.memory_trace",
+    "plan_memory": "engine.memory_plan",
+    "trace_activations": "engine.memory_trace",
+    "weight_bytes": "engine.memory_plan",
     "AdapterConfig": "engine.methods.adapter",
     "AdapterModel": "engine.methods.adapter",
     "AppliedDesign": "engine.design",
@@ -150,16 +156,26 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         UnknownPathError,
     )
     from engine.estimate import (  # noqa: F401
-        DTYPE_BYTES,
         DeltaEstimate,
         checkpoint_bytes,
         estimate_delta,
         module_parameters,
-        training_memory,
     )
     from engine.interop.peft import export_peft, import_peft, peft_adapter_config  # noqa: F401
     from engine.interop.peft_matching import peft_default_modules  # noqa: F401
     from engine.layers import DeltaModule  # noqa: F401
+    from engine.memory_plan import (  # noqa: F401
+        WEIGHT_FORMATS,
+        TrainingSetup,
+        plan_memory,
+        weight_bytes,
+    )
+    from engine.memory_trace import (  # noqa: F401
+        ActivationTrace,
+        computing_in,
+        max_positions,
+        trace_activations,
+    )
     from engine.methods.adapter import AdapterConfig, AdapterModel  # noqa: F401
     from engine.methods.bitfit import BitFitConfig, BitFitModel  # noqa: F401
     from engine.methods.compacter import CompacterConfig, CompacterModel  # noqa: F401

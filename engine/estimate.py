@@ -1,5 +1,5 @@
 """Exact parameter counts of a planned delta, fast enough for a live designer; and what a
-design costs in checkpoint bytes and training memory.
+design costs in checkpoint bytes (training memory: :mod:`engine.memory_plan`).
 
 A delta module's size depends only on the module it wraps, and structurally identical modules
 (same fingerprint) get identical deltas. So :func:`estimate_delta` plans the targets, builds the
@@ -12,22 +12,16 @@ counted once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from torch import nn
 
 from engine.config import DeltaConfig
-from engine.errors import ConfigError
 from engine.locking import model_lock
 from engine.registry import method_for
 from engine.roles import ModelStructure
 from engine.tree import ModuleTree
 
-#: Bytes per backbone parameter for the memory estimate's dtype choice.
-DTYPE_BYTES = MappingProxyType({"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5})
-#: Trainable parameters are kept in float32: weight, gradient, and AdamW's two moments.
-TRAINABLE_BYTES = 4 + 4 + 8
 CHECKPOINT_BYTES_PER_PARAMETER = 4  # float32 deltas (the default on every backbone dtype)
 
 
@@ -95,14 +89,3 @@ def checkpoint_bytes(trainable: int, bytes_per_parameter: float = CHECKPOINT_BYT
     """Size of ``delta.safetensors`` without its small JSON header (use
     :attr:`DeltaEstimate.checkpoint_bytes` for a planned delta: it knows the real dtypes)."""
     return int(trainable * bytes_per_parameter)
-
-
-def training_memory(backbone_parameters: int, trainable: int, dtype: str) -> dict[str, Any]:
-    """Backbone weights at ``dtype`` plus float32 weights, gradients and AdamW states of the
-    trainable parameters. Activations are excluded: they depend on batch and sequence length."""
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPE_BYTES)}")
-    weights = int(backbone_parameters * DTYPE_BYTES[dtype])
-    trainable_bytes = trainable * TRAINABLE_BYTES
-    return {"dtype": dtype, "backbone_bytes": weights, "trainable_bytes": trainable_bytes,
-            "total_bytes": weights + trainable_bytes, "activations_included": False}

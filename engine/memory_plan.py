@@ -2,9 +2,9 @@
 trains — the backbone's weights in their format, the trainable parameters with their gradients
 and optimizer states, and the activations kept for the backward pass — and whether it fits.
 
-Activations come from the architecture itself, not a rule of thumb: one training forward runs on
-the meta device (shapes only, nothing allocated) at the chosen batch × sequence, with the delta
-attached, and every tensor autograd saves for the backward pass is counted once per storage.
+This is the one memory model: the designer's live line, the planner and the compare view all
+use these functions and this one table of bytes. Activations come from the architecture itself,
+not a rule of thumb (:mod:`engine.memory_trace`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,7 @@ import torch
 from torch import nn
 
 from engine.errors import ConfigError
-from engine.locking import model_lock
-from engine.probe import (
-    accepts_use_cache,
-    experts_runnable_on_meta,
-    module_mode,
-    pseudo_input_variants,
-)
+from engine.memory_trace import ActivationTrace
 from engine.quantization import quantised_bytes
 
 #: weight format → (bitsandbytes quantisation, bytes of every other parameter and of activations)
@@ -73,8 +67,15 @@ class TrainingSetup:
                               f"{self.batch * self.sequence:,}")
 
     @property
-    def compute_bytes(self) -> int:
-        return WEIGHT_FORMATS[self.weight_format][1]
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations and unquantised weights are in."""
+        return torch.float32 if WEIGHT_FORMATS[self.weight_format][1] == 4 else torch.bfloat16
+
+    def describe(self) -> str:
+        """One line a person reads: the setup a memory figure assumes."""
+        return (f"{self.weight_format} weights, {self.optimizer}, batch {self.batch} × {self.sequence} tokens, "
+                f"{self.attention} attention" + (", checkpointing" if self.checkpointing else "")
+                + (f", {self.gpus} GPUs" + (" FSDP" if self.sharding == "fsdp" else "") if self.gpus > 1 else ""))
 
 
 def weight_bytes(backbone: nn.Module, setup: TrainingSetup) -> int:
@@ -83,103 +84,57 @@ def weight_bytes(backbone: nn.Module, setup: TrainingSetup) -> int:
     return quantised_bytes(backbone, quantisation, other)
 
 
-@dataclass(frozen=True)
-class ActivationTrace:
-    """Bytes autograd kept for the backward pass of one traced forward."""
-
-    kept_bytes: int
-    #: of which sequence × sequence tensors (attention scores, their masks and dropout)
-    score_bytes: int
-    layers: int
-    hidden: int
+def trainable_state_bytes(trainable: int, setup: TrainingSetup) -> int:
+    """Each trainable parameter's float32 value and gradient and the optimizer's states, per GPU."""
+    return trainable * (TRAINABLE_VALUE_BYTES + OPTIMIZER_STATE_BYTES[setup.optimizer]) // _shards(setup)
 
 
-def trace_activations(model: nn.Module, setup: TrainingSetup) -> ActivationTrace:
-    """Run one training forward of ``model`` (on the meta device, deltas attached, backbone
-    frozen) at ``setup.batch`` × ``setup.sequence`` and count what autograd saves: every saved
-    storage once, floating-point ones at the setup's compute precision."""
-    if any(not p.is_meta for p in model.parameters()):
-        raise ConfigError("activations are traced on the meta device: pass the weight-free twin of the model")
-    sizes: dict[int, tuple[int, bool]] = {}
-    sequence = setup.sequence
-    longest = max_positions(model)
-    if longest is not None and sequence > longest:
-        raise ConfigError(f"sequence {sequence:,} is longer than {type(model).__name__} reads "
-                          f"(max_position_embeddings = {longest:,}); plan with at most {longest:,} tokens")
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        element = setup.compute_bytes if tensor.is_floating_point() else tensor.element_size()
-        size = storage.nbytes() // max(tensor.element_size(), 1) * element
-        scores = tensor.dim() >= 2 and tensor.shape[-1] == sequence and tensor.shape[-2] == sequence
-        previous = sizes.get(storage._cdata, (0, False))
-        sizes[storage._cdata] = (max(previous[0], int(size)), previous[1] or scores)
-        return tensor
-
-    errors = []
-    with model_lock(model), module_mode(model, training=True), experts_runnable_on_meta(model):
-        for inputs in pseudo_input_variants(model, setup.batch, sequence):
-            sizes.clear()
-            try:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                    model(**inputs, use_cache=False) if accepts_use_cache(model) else model(**inputs)
-                break
-            except Exception as exc:  # noqa: BLE001 - the next input variant may suit the model
-                errors.append(f"{type(exc).__name__}: {exc}")
-        else:
-            raise ConfigError(f"could not trace a training step of {type(model).__name__} on meta: {errors[-1]}")
-    config: Any = getattr(model, "config", None)
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or 0)
-    return ActivationTrace(sum(size for size, _ in sizes.values()),
-                           sum(size for size, scores in sizes.values() if scores), _layer_count(model), hidden)
+def activation_bytes(trace: ActivationTrace) -> int:
+    """The most the training step holds at once beyond weights and trainable states: what the
+    backward pass needs of the forward, the output and loss, and the backward's own gradients."""
+    return trace.peak
 
 
-def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence the model reads (its position table), when its config says."""
-    config: Any = getattr(model, "config", None)
-    longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return longest if isinstance(longest, int) and not isinstance(longest, bool) else None
-
-
-def plan_memory(backbone_weight_bytes: int, trainable: int, trace: ActivationTrace,
+def plan_memory(backbone_weight_bytes: int, trainable: int, trace: ActivationTrace | None,
                 setup: TrainingSetup) -> dict[str, Any]:
-    """What one GPU holds, by part, and whether it fits. The formulas are returned with it."""
-    states = trainable * (TRAINABLE_VALUE_BYTES + OPTIMIZER_STATE_BYTES[setup.optimizer])
-    kept = trace.kept_bytes - (trace.score_bytes if setup.attention == "flash" else 0)
-    layers = max(trace.layers, 1)
-    if setup.checkpointing:
-        boundaries = layers * setup.batch * setup.sequence * trace.hidden * setup.compute_bytes
-        activations = boundaries + kept // layers
-    else:
-        activations = kept
-    shards = setup.gpus if setup.sharding == "fsdp" else 1
+    """What one GPU holds, by part, and whether it fits. The formulas are returned with it.
+    Without a ``trace`` the activations are left out (and the answer says so)."""
+    shards = _shards(setup)
+    layers = trace.layers if trace is not None else 1
     weights = backbone_weight_bytes // shards
     gathered = backbone_weight_bytes // layers if shards > 1 else 0  # one layer unsharded at a time
-    total = weights + gathered + states // shards + activations
+    states = trainable_state_bytes(trainable, setup)
+    activations = activation_bytes(trace) if trace is not None else 0
+    total = weights + gathered + states + activations
     return {
-        "weights": weights, "gathered_layer": gathered, "trainable_states": states // shards,
-        "activations": activations, "total_per_gpu": total, "gpu_bytes": setup.gpu_bytes,
+        "weights": weights, "gathered_layer": gathered, "trainable_states": states,
+        "activations": activations, "activations_included": trace is not None,
+        "total_per_gpu": total, "gpu_bytes": setup.gpu_bytes,
         "fits": total <= setup.gpu_bytes, "gpus": setup.gpus, "layers": layers,
-        "formula": {
-            "weights": f"backbone parameters in {setup.weight_format}"
-                       + (" (Linear weights 4-bit/8-bit with their scales, the rest in bf16)"
-                          if WEIGHT_FORMATS[setup.weight_format][0] else "")
-                       + (f", ÷ {shards} GPUs (FSDP full shard) + one layer gathered" if shards > 1 else ""),
-            "trainable_states": f"trainable × (4 float32 value + 4 gradient + "
-                                f"{OPTIMIZER_STATE_BYTES[setup.optimizer]} {setup.optimizer} state) bytes"
-                                + (f" ÷ {shards} GPUs" if shards > 1 else ""),
-            "activations": (
-                "tensors autograd keeps for the backward pass in one forward at batch × sequence, traced "
-                "on the meta device with the design attached"
-                + ("; sequence × sequence attention scores left out (flash/memory-efficient attention "
-                   "recomputes them)" if setup.attention == "flash" else "")
-                + ("; with gradient checkpointing: each layer's input (layers × batch × sequence × hidden "
-                   "× bytes) + one layer's kept tensors (recomputed in the backward pass)"
-                   if setup.checkpointing else "")),
-        },
+        "setup": setup.describe(),
+        "formula": _formulas(setup, shards),
     }
 
 
-def _layer_count(model: nn.Module) -> int:
-    """Blocks in the model's longest stack of repeated layers (its largest ModuleList)."""
-    return max((len(m) for m in model.modules() if isinstance(m, nn.ModuleList)), default=1)
+def _shards(setup: TrainingSetup) -> int:
+    return setup.gpus if setup.sharding == "fsdp" else 1
+
+
+def _formulas(setup: TrainingSetup, shards: int) -> dict[str, str]:
+    return {
+        "weights": f"backbone parameters in {setup.weight_format}"
+                   + (" (Linear and Conv1D weights 4-bit/8-bit with their scales, the rest in bf16)"
+                      if WEIGHT_FORMATS[setup.weight_format][0] else "")
+                   + (f", ÷ {shards} GPUs (FSDP full shard) + one layer gathered" if shards > 1 else ""),
+        "trainable_states": f"trainable × (4 float32 value + 4 gradient + "
+                            f"{OPTIMIZER_STATE_BYTES[setup.optimizer]} {setup.optimizer} state) bytes"
+                            + (f" ÷ {shards} GPUs" if shards > 1 else ""),
+        "activations": (
+            "the most one training step holds at once beyond the weights and trainable states — tensors "
+            "autograd keeps (not the frozen weights it refers to), the output and loss, the backward pass's "
+            "gradients — found by running forward and backward on the meta device with the design attached"
+            + ("; attention as fused kernels (flash / memory-efficient) keep it: no sequence × sequence "
+               "scores" if setup.attention == "flash" else "; eager attention: the scores are kept")
+            + ("; with transformers' gradient checkpointing (each layer recomputed in the backward pass)"
+               if setup.checkpointing else "")),
+    }

@@ -8,6 +8,7 @@ layer is recognised by its weight's class, so this module never imports bitsandb
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -68,26 +69,67 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype) -> Any:
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def _not_converted(model: nn.Module) -> list[str]:
+    """Module-name patterns transformers' bitsandbytes loading leaves unquantised: the output
+    head, tied weights, the last parameter's module (when that parameter is a weight), and the
+    model's ``_keep_in_fp32_modules`` (those also stay float32)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keys = {name for name, module in model.named_modules() if head is not None and module is head}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    keys |= {str(k) for k in (*tied.keys(), *tied.values())}
+    last = next(reversed(list(model.named_parameters())), None)
+    if last is not None:
+        keys.add(last[0])
+    keys = {k.removesuffix(".weight") for k in keys}
+    return sorted(keys | set(_keep_in_float32(model)))
+
+
+def _keep_in_float32(model: nn.Module) -> list[str]:
+    return list(getattr(model, "_keep_in_fp32_modules", None) or ()) + list(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """transformers' module-name rule: a pattern from the start up to a dot boundary, or a suffix."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{key}){boundary}", name) or name.endswith(key) for key in patterns)
+
+
+def quantised_modules(model: nn.Module) -> list[nn.Module]:
+    """The layers transformers' bitsandbytes loading quantises: every plain ``nn.Linear`` and
+    ``Conv1D`` (GPT-2's) but those :func:`_not_converted` names."""
+    skipped = _not_converted(model)
+    found, seen = [], set()
+    for name, module in model.named_modules():
+        kind = type(module)
+        if (kind is nn.Linear or kind.__name__ == "Conv1D") and not _matches(name, skipped) \
+                and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            found.append(module)
+    return found
+
+
 def quantised_bytes(model: nn.Module, quantization: str | None, other_bytes: float) -> int:
     """Bytes of ``model``'s parameters once loaded with ``quantization`` (exact on meta shapes):
-    every Linear but the output head as bitsandbytes stores it — 4-bit: half a byte a weight plus
-    a float32 scale per 64-weight block; 8-bit: a byte a weight plus a float32 scale per row —
-    and every other parameter at ``other_bytes`` each (the compute dtype)."""
+    the :func:`quantised_modules` weights as bitsandbytes stores them — 4-bit: half a byte a
+    weight plus a float32 scale per 64-weight block; 8-bit: a byte a weight plus a float32 scale
+    per output row — and every other parameter at ``other_bytes`` each (the compute dtype), but
+    float32 in the modules the model keeps in float32 (T5's ``wo``)."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {quantization!r}")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     quantised: set[int] = set()
     total = 0.0
     if quantization is not None:
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module is not head and id(module.weight) not in quantised:
-                quantised.add(id(module.weight))
-                count = module.in_features * module.out_features
-                total += (count / 2 + 4 * -(-count // BLOCK_SIZE) if quantization != "int8"
-                          else count + 4 * module.out_features)
+        for module in quantised_modules(model):
+            quantised.add(id(module.weight))
+            count = logical_shape(module.weight).numel()
+            rows = module.weight.shape[1] if type(module).__name__ == "Conv1D" else logical_shape(module.weight)[0]
+            total += count / 2 + 4 * -(-count // BLOCK_SIZE) if quantization != "int8" else count + 4 * rows
+    float32 = _keep_in_float32(model)
+    kept = {id(p) for name, m in model.named_modules() if float32 and _matches(name, float32) for p in m.parameters()}
     for parameter in {id(p): p for p in model.parameters()}.values():
         if id(parameter) not in quantised:
-            total += logical_shape(parameter).numel() * other_bytes
+            total += logical_shape(parameter).numel() * (4 if id(parameter) in kept else other_bytes)
     return int(total)
 
 

@@ -69,6 +69,16 @@ def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor 
     return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
 
 
+def _writable_in_place(target: torch.Tensor) -> bool:
+    """Whether autograd lets ``target`` be changed in place: not a view it forbids that for while
+    gradients are recorded (one made inside a custom Function or under no_grad — bitsandbytes'
+    8-bit matmul on CPU returns such a view), which takes the out-of-place path instead."""
+    if not (torch.is_grad_enabled() and target._is_view()):
+        return True
+    creation = getattr(torch._C._autograd, "_get_creation_meta", None)
+    return creation is not None and creation(target) == torch._C._autograd.CreationMeta.DEFAULT
+
+
 def _replace_input(
     args: tuple[Any, ...], kwargs: dict[str, Any], new: torch.Tensor
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -237,11 +247,13 @@ def attach_route(
 
         handle.handles.append(module.register_forward_hook(after))
     elif route is Route.PARALLEL:
+        in_place_allowed = in_place
 
         def parallel(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             target = main_output(output)
             source = first_tensor(args, kwargs)
             rows = pick(target, type(mod).__name__)
+            in_place = in_place_allowed and _writable_in_place(target)
             if rows is not None:
                 if in_place and mode == "add" and hasattr(delta, "add_mixed_into") and delta.add_mixed_into(
                         mod, source, target):

@@ -37,7 +37,7 @@ export class DesignsView {
       row("trainable", exact(side("a").totals.trainable), exact(side("b").totals.trainable), "data-compare-total"),
       row("checkpoint", humanBytes(side("a").totals.checkpoint_bytes), humanBytes(side("b").totals.checkpoint_bytes),
           "data-compare-checkpoint"),
-      row("memory", humanBytes(side("a").totals.memory.total_bytes), humanBytes(side("b").totals.memory.total_bytes),
+      row("memory", humanBytes(side("a").totals.memory.total_per_gpu), humanBytes(side("b").totals.memory.total_per_gpu),
           "data-compare-memory"),
     ]);
     const diff = result.diff;

@@ -107,8 +107,11 @@ socket.on("design_updated", (design) => {
   $("[data-total-trainable]").textContent = exact(totals.trainable);
   $("[data-total-percent]").textContent = totals.percent.toFixed(4);
   $("[data-checkpoint-size]").textContent = humanBytes(totals.checkpoint_bytes);
-  $("[data-memory]").textContent = humanBytes(totals.memory.total_bytes);
-  if (document.activeElement !== $("[data-dtype]")) $("[data-dtype]").value = totals.memory.dtype;
+  $("[data-memory]").textContent = humanBytes(totals.memory.total_per_gpu);
+  $("[data-memory]").title = `${totals.memory.setup}; activations not included`;
+  $("[data-memory]").dataset.bytes = String(totals.memory.total_per_gpu);
+  if (document.activeElement !== $("[data-dtype]")) $("[data-dtype]").value = totals.memory.weight_format;
+  planner.setWeightFormat(totals.memory.weight_format);
   const peft = $('[data-export="peft"]');
   peft.setAttribute("aria-disabled", String(!design.exports.peft.available));
   peft.dataset.exportReason = design.exports.peft.reason;
@@ -199,6 +202,7 @@ $("[data-tree-search]").addEventListener("input", () => {
   searchTimer = setTimeout(applySearch, 120);
 });
 $("[data-dtype]").addEventListener("change", (event) => send("set_dtype", { dtype: event.target.value }));
+$("[data-memory-open]").addEventListener("click", () => planner.open());
 $("[data-add-group]").addEventListener("click", () => send("add_group", { method: "lora" }));
 $("[data-undo]").addEventListener("click", () => send("undo", {}));
 $("[data-redo]").addEventListener("click", () => send("redo", {}));
@@ -251,7 +255,8 @@ async function showPeftDefaults() {
 }
 $("[data-peft-overlay]").addEventListener("change", showPeftDefaults);
 new DesignsView($("[data-designs-panel]"), request);
-const planner = new PlannerView($("[data-memory-planner]"), request);
+// the planner and the live memory line share one weight format (one memory model, one answer)
+const planner = new PlannerView($("[data-memory-planner]"), request, (format) => send("set_dtype", { dtype: format }));
 
 $("[data-build]").addEventListener("click", async () => {
   showError(document, "build", "");

@@ -6,13 +6,14 @@ import { $, $$, humanBytes, showError } from "./dom.js";
 const GIB = 1024 ** 3;
 
 export class PlannerView {
-  constructor(root, request) {
+  constructor(root, request, onWeightFormat) {
     this.root = root;
     this.request = request;
     this.count = 0;
     root.addEventListener("toggle", () => { if (root.open) this.plan(); });
     root.addEventListener("change", (event) => {
       if (event.target.matches('[data-plan="gpu"]')) $("[data-plan-custom]", root).hidden = event.target.value !== "custom";
+      if (event.target.matches('[data-plan="weight-format"]')) onWeightFormat(event.target.value);
       if (event.target.closest("[data-plan]")) this.plan();
     });
     $("[data-plan-run]", root).addEventListener("click", () => this.plan());
@@ -28,6 +29,18 @@ export class PlannerView {
       sequence.removeAttribute("max");
     }
     this.plan();
+  }
+
+  // The live line's weight format (the design's): the planner shows the same one.
+  setWeightFormat(format) {
+    const select = $('[data-plan="weight-format"]', this.root);
+    if (document.activeElement !== select) select.value = format;
+  }
+
+  open() {
+    this.root.open = true;
+    this.root.scrollIntoView({ block: "nearest" });
+    $('[data-plan="batch"]', this.root).focus();
   }
 
   setup() {

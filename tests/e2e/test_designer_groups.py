@@ -41,7 +41,7 @@ def test_hyperparameters_change_counts_and_bad_values_show_at_their_field(design
     expect(page.locator("[data-total-percent]")).to_have_text(f"{100 * 6 * 16 * 768 / 22713216:.4f}")
     expect(page.locator("[data-checkpoint-size]")).to_have_text("288.0 KiB")  # 73,728 × 4 bytes
     bf16 = page.locator("[data-memory]").text_content()
-    wait_update(page, lambda: page.select_option("[data-dtype]", "float32"))
+    wait_update(page, lambda: page.select_option("[data-dtype]", "fp32"))
     assert page.locator("[data-memory]").text_content() != bf16
     expect(page.locator("[data-memory]")).to_have_text("87.8 MiB")  # 22,713,216 × 4 + 73,728 × 16
     panel.locator('[data-hyper="lora_r"]').fill("0")

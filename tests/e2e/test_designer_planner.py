@@ -24,7 +24,11 @@ def test_the_planner_shows_the_engines_breakdown_and_whether_it_fits(designer: P
     assert bytes_of(page, "trainable_states") == 73_728 * 16  # value, gradient, two AdamW moments
     first = bytes_of(page, "activations")
     assert first > 0
-    expect(page.locator('[data-plan-part="activations"] td').nth(1)).to_contain_text("traced on the meta device")
+    # one memory model: the live line is the planner's weights + trainable states in the same format
+    live = int(page.locator("[data-memory]").get_attribute("data-bytes"))
+    assert live == bytes_of(page, "weights") + bytes_of(page, "trainable_states")
+    assert bytes_of(page, "total_per_gpu") == live + first
+    expect(page.locator('[data-plan-part="activations"] td').nth(1)).to_contain_text("running forward and backward on the meta device")
     # the same setup through the API gives the same numbers the page shows
     api = page.request.post(page.url.split("#")[0].rstrip("/") + "/api/memory-plan",
                             data={"gpu_bytes": 80 * 2**30, "batch": 1, "sequence": 512},
@@ -33,6 +37,9 @@ def test_the_planner_shows_the_engines_breakdown_and_whether_it_fits(designer: P
     # formats, optimizer and batch change it; a large enough batch does not fit
     page.select_option('[data-plan="weight-format"]', "nf4")
     expect(page.locator('[data-plan-part="weights"]')).not_to_have_attribute("data-bytes", str(22_713_216 * 2))
+    expect(page.locator("[data-dtype]")).to_have_value("nf4")  # the live line follows the planner's format
+    expect(page.locator("[data-memory]")).to_have_attribute(
+        "data-bytes", str(bytes_of(page, "weights") + 73_728 * 16))
     page.select_option('[data-plan="optimizer"]', "sgd")
     expect(page.locator('[data-plan-part="trainable_states"]')).to_have_attribute("data-bytes", str(73_728 * 8))
     page.select_option('[data-plan="gpu"]', "24")
@@ -43,7 +50,7 @@ def test_the_planner_shows_the_engines_breakdown_and_whether_it_fits(designer: P
     expect(page.locator("[data-plan-fits]")).to_contain_text("does not fit")
     page.check('[data-plan="checkpointing"]')
     expect(planner).to_have_attribute("data-plan-state", "ready")
-    expect(page.locator('[data-plan-part="activations"] td').nth(1)).to_contain_text("gradient checkpointing")
+    expect(page.locator('[data-plan-part="activations"] td').nth(1)).to_contain_text("gradient checkpointing (each layer recomputed")
     # a bad value is an error at the panel, naming the limit; the design is untouched
     page.fill('[data-plan="sequence"]', "4096")
     page.locator('[data-plan="sequence"]').dispatch_event("change")

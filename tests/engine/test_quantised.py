@@ -213,3 +213,52 @@ def test_gradients_through_4bit_layers_equal_those_of_the_dequantised_weights(ch
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         assert a.grad is not None, name
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "t5", "opt"])
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_planned_quantised_bytes_equal_what_bitsandbytes_allocates(kind, quantization, tmp_path):
+    """GPT-2's Conv1D layers are quantised, T5's ``wo`` stays float32 and BERT's pooler is
+    quantised, as transformers' loading does: the meta plan equals the loaded bytes exactly."""
+    torch.manual_seed(0)
+    transformers_class = {"gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertModel,
+                          "t5": transformers.T5ForConditionalGeneration, "opt": transformers.OPTForCausalLM}[kind]
+    transformers_class(TINY_CONFIGS[kind]()).save_pretrained(tmp_path)
+    loaded = load_backbone(str(tmp_path), quantization=quantization)
+    planned = load_backbone(str(tmp_path), weights=False, quantization=quantization)
+    assert any(weight_format(m) == quantization for m in loaded.model.modules())
+    assert planned.weight_bytes() == _measured_bytes(loaded.model)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_lora_on_8bit_layers_trains_with_the_gradients_of_the_dequantised_model(kind, tmp_path):
+    """bitsandbytes' 8-bit matmul on CPU returns a view autograd cannot change in place, which
+    LoRA's in-place add tripped over in training (BERT's biased layers). The gradients through
+    8-bit layers equal those of the same model with the dequantised weights."""
+    config = TINY_CONFIGS[kind]()
+    config.hidden_size, config.intermediate_size = 64, 128
+    model_class = {"bert": transformers.BertForMaskedLM, "llama": transformers.LlamaForCausalLM}[kind]
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(tmp_path)
+    quantised = load_backbone(str(tmp_path), quantization="int8").model
+    reference = model_class.from_pretrained(tmp_path)
+    for name, module in quantised.named_modules():
+        if weight_format(module) == "int8":
+            weight = module.weight.data.float() * module.weight.SCB.float()[:, None] / 127
+            reference.get_submodule(name).weight.data.copy_(weight)
+    grads = []
+    inputs = tiny_inputs(kind)
+    for model in (quantised, reference):
+        torch.manual_seed(1)
+        delta = LoraModel(model, ["attn.q", "attn.v"], lora_r=4)
+        with torch.no_grad():
+            for parameter in delta.parameters():
+                parameter.normal_(0, 0.1)
+        delta.freeze_module()
+        model.train()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    for name, gradient in grads[1].items():
+        assert gradient.abs().sum() > 0
+        torch.testing.assert_close(grads[0][name], gradient, rtol=1e-4, atol=1e-6)
