@@ -59,3 +59,15 @@ def main_tensor(output: object) -> torch.Tensor:
         if value is not None:
             return value
     raise TypeError(f"no main tensor in {type(output).__name__}")
+
+
+def with_nonzero_biases(model: nn.Module, seed: int = 3) -> nn.Module:
+    """Every bias random and non-zero, every norm's weight away from 1 (transformers initialises
+    biases to 0 and norms to 1, which hides any bug that mishandles them)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or ("norm" in name.lower() and name.endswith("weight")):
+                noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+                parameter.add_((0.3 * noise).to(parameter.dtype))
+    return model
