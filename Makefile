@@ -10,7 +10,7 @@ CHROMIUM ?= /usr/bin/chromium
 # torch is pinned in the same pip command as the rest: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test install install-test browser lint bench clean dist docs fuzz
+.PHONY: run test install install-test browser lint bench clean dist docs fuzz mutation
 
 run: install node_modules/.package-lock.json
 	$(VENV)/bin/delta-designer serve --host $(HOST) --port $(PORT) --backbone $(BACKBONE)
@@ -18,6 +18,16 @@ run: install node_modules/.package-lock.json
 # -p no:cacheprovider and PYTHONDONTWRITEBYTECODE: a test run leaves the checkout as it found it
 test: install-test node_modules/.package-lock.json browser
 	PYTHONDONTWRITEBYTECODE=1 $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# Mutation testing with cosmic-ray (hours; not part of make test) on a copy of the working tree under
+# $TMPDIR, each file against the tests that cover it (tests/mutation.py); FILES picks some.
+MUTATION_COPY ?= $(or $(TMPDIR),/tmp)/delta-designer-mutation/checkout
+mutation: install-test node_modules/.package-lock.json
+	$(PIP) install --quiet cosmic-ray==8.7.0
+	rm -rf $(MUTATION_COPY) && mkdir -p $(MUTATION_COPY)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(MUTATION_COPY)
+	ln -s $(CURDIR)/node_modules $(MUTATION_COPY)/node_modules
+	MUTATION_ROOT=$(MUTATION_COPY) $(PY) tests/mutation.py $(FILES)
 
 # The README's screenshots, taken by the browser tests that otherwise write to a temporary folder.
 docs: install-test node_modules/.package-lock.json browser

@@ -40,7 +40,7 @@ MAX_GPUS = 4096
 class TrainingSetup:
     """How a delta will train: on which GPUs, in which format, with which optimizer and inputs."""
 
-    gpu_bytes: int = 80 * 10**9
+    gpu_bytes: int = 80 * 2**30  # GiB, as the page's GPU sizes
     gpus: int = 1
     sharding: str = "none"
     weight_format: str = "bf16"

@@ -160,6 +160,12 @@ def test_formats_optimizers_and_sharding_add_up():
     assert sharded["weights"] == 100_000_000 and sharded["gathered_layer"] == 80_000_000
     assert sharded["trainable_states"] == 2_000  # optimizer states are sharded too
     assert not plan_memory(2 * 10**9, 0, trace, base)["fits"]
+    assert "÷ 8 GPUs" in sharded["formula"]["trainable_states"] and "÷" not in plan["formula"]["trainable_states"]
+    assert sharded["setup"].endswith(", 8 GPUs FSDP")
+    assert plan_memory(0, 0, trace, dataclasses.replace(base, gpus=2))["setup"].endswith(", 2 GPUs")
+    exactly = plan_memory(10**9 - 1_000_000, 0, trace, base)
+    assert exactly["total_per_gpu"] == base.gpu_bytes and exactly["fits"]  # a GPU filled exactly still fits
+    assert TrainingSetup().gpu_bytes == 80 * 2**30  # GB means GiB, as on the page
     without = plan_memory(500_000_000, 1_000, None, base)
     assert without["activations"] == 0 and not without["activations_included"]
     assert without["setup"] == "bf16 weights, adamw, batch 2 × 100 tokens, flash attention"
@@ -184,7 +190,7 @@ def test_gpt2_conv1d_weights_are_quantised_in_the_plan():
     ("gpus", 0, "gpus must be an integer from 1 to 4,096"),
     ("weight_format", "fp8", "weight_format must be one of fp32, bf16, int8, nf4"),
     ("sequence", 10**9, "sequence must be an integer from 1 to 16,777,216"),
-    ("batch", 4096, "batch × sequence must be at most 16,777,216 tokens"),
+    ("batch", 4096, "batch × sequence must be at most 16,777,216 tokens; got 33,554,432"),
     ("optimizer", "adam", "optimizer must be one of adamw, adamw8bit, sgd"),
 ])
 def test_a_bad_setup_is_refused_by_name(field, value, message):
