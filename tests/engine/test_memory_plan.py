@@ -166,6 +166,17 @@ def test_formats_optimizers_and_sharding_add_up():
     exactly = plan_memory(10**9 - 1_000_000, 0, trace, base)
     assert exactly["total_per_gpu"] == base.gpu_bytes and exactly["fits"]  # a GPU filled exactly still fits
     assert TrainingSetup().gpu_bytes == 80 * 2**30  # GB means GiB, as on the page
+    pair = plan_memory(800, 0, trace, dataclasses.replace(base, gpus=2, sharding="fsdp"))
+    assert "÷ 2 GPUs (FSDP full shard) + one layer gathered" in pair["formula"]["weights"]
+    assert "÷" not in plan["formula"]["weights"]
+    assert "no sequence × sequence scores" in plan["formula"]["activations"]
+    eager = plan_memory(0, 0, trace, dataclasses.replace(base, attention="eager"))
+    assert "the scores are kept" in eager["formula"]["activations"]
+    assert {f: TrainingSetup(weight_format=f).compute_dtype for f in ("fp32", "bf16", "int8", "nf4")} == {
+        "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "nf4": torch.bfloat16}
+    assert TrainingSetup(gpu_bytes=10**8).gpu_bytes == 10**8  # the smallest GPU accepted
+    with pytest.raises(ConfigError, match="gpu_bytes must be an integer from 100,000,000"):
+        TrainingSetup(gpu_bytes=10**8 - 1)
     without = plan_memory(500_000_000, 1_000, None, base)
     assert without["activations"] == 0 and not without["activations_included"]
     assert without["setup"] == "bf16 weights, adamw, batch 2 × 100 tokens, flash attention"

@@ -1,9 +1,11 @@
 """Deltas move to PEFT and back with the same outputs; what either side cannot express is refused."""
 
+import copy
 import json
 
 import pytest
 import torch
+import transformers
 from peft import (
     IA3Config,
     LoraConfig,
@@ -131,3 +133,31 @@ def test_damaged_peft_directories_are_checkpoint_errors(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
         import_peft(tmp_path, tiny_model("llama"))
+
+
+def test_rank_pattern_keys_follow_peft_s_rule_not_substrings(tmp_path):
+    """PEFT matches a rank_pattern key as ``(.*\\.)?(key)$``: ``1.self_attn.q_proj`` is layer 1's
+    q_proj, not layer 11's (a substring test would take both)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=12,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=99)
+    base = transformers.LlamaForCausalLM(config).to(torch.float64).eval()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=2, target_modules=["q_proj"], rank_pattern={"1.self_attn.q_proj": 4}, alpha_pattern={"11.self_attn.q_proj": 3}))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    peft_model.save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    delta = import_peft(tmp_path, model)
+    ranks = {p: delta.delta_modules[p.replace(".", "/")].lora_A.weight.shape[0] for p in delta.modified_paths}
+    assert ranks["model.layers.1.self_attn.q_proj"] == 4
+    assert {r for p, r in ranks.items() if p != "model.layers.1.self_attn.q_proj"} == {2}
+    scalings = {p: delta.delta_modules[p.replace(".", "/")].scaling for p in delta.modified_paths}
+    assert scalings["model.layers.11.self_attn.q_proj"] == 3 / 2 and scalings["model.layers.1.self_attn.q_proj"] == 8 / 4
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(main_tensor(model(**inputs)), main_tensor(peft_model.eval()(**inputs)),
+                                   rtol=0, atol=1e-10)

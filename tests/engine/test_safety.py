@@ -273,3 +273,22 @@ def test_a_failed_design_build_leaves_no_delta_behind():
         Design.from_dict(document).build(model)
     assert not any(name.endswith(".lora_a") for name, _ in model.named_modules())
     assert torch.equal(output(model, inputs), reference)
+
+
+@pytest.mark.parametrize("settings", [
+    {"delta_type": "compacter", "shared_phm_rule": True},  # rules shared by every module, saved once
+    {"delta_type": "prefix", "reparameterize": True},  # one MLP for every layer
+    {"delta_type": "lora", "lora_r": 4},
+    {"delta_type": "adapter"},
+])
+def test_the_estimated_checkpoint_size_is_what_saving_writes(settings, tmp_path):
+    """The designer's checkpoint size, against the bytes of the tensors in the real file."""
+    from safetensors import safe_open
+
+    model = tiny_model("llama")
+    estimate = estimate_delta(model, AutoDeltaConfig.from_dict(settings))
+    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict(settings), model).freeze_module()
+    delta.save_finetuned(tmp_path)
+    with safe_open(str(tmp_path / "delta.safetensors"), "pt") as saved:
+        written = sum(saved.get_tensor(key).numel() * saved.get_tensor(key).element_size() for key in saved.keys())
+    assert estimate.checkpoint_bytes == written and written > 0
