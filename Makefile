@@ -63,11 +63,13 @@ browser:
 # A wheel holding everything the page needs; the socket.io client is copied from node_modules at
 # build time into static/vendor/ (ignored by git), never committed.
 SOCKETIO_DIST := node_modules/socket.io-client/dist
+# DIST_DIR: where the wheel goes (the wheel test builds into a temporary folder).
+DIST_DIR ?= dist
 dist: node_modules/.package-lock.json | $(VENV)/bin/python
-	rm -rf build dist static/vendor
+	rm -rf build $(DIST_DIR) static/vendor
 	mkdir -p static/vendor/socket.io
 	cp $(SOCKETIO_DIST)/socket.io.esm.min.js $(SOCKETIO_DIST)/socket.io.esm.min.js.map static/vendor/socket.io/
-	$(PIP) wheel --quiet --no-deps --wheel-dir dist .
+	$(PIP) wheel --quiet --no-deps --wheel-dir $(DIST_DIR) .
 	rm -rf static/vendor build
 
 bench: install-test

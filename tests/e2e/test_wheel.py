@@ -25,8 +25,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """``make dist``, then the wheel alone (no dependencies) in a fresh virtualenv whose other
     packages (torch, transformers, flask …) come from this environment's site-packages — a plain
     path, so this checkout's editable install is not visible there."""
-    subprocess.run(["make", "dist"], cwd=ROOT, check=True, capture_output=True, timeout=600)
-    wheels = sorted((ROOT / "dist").glob("delta_designer-*.whl"))
+    built = tmp_path_factory.mktemp("dist")  # never into the checkout
+    subprocess.run(["make", "dist", f"DIST_DIR={built}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    wheels = sorted(built.glob("delta_designer-*.whl"))
     assert len(wheels) == 1, wheels
     outside = tmp_path_factory.mktemp("outside")
     venv = outside / "venv"
