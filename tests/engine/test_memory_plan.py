@@ -190,7 +190,15 @@ def test_formats_optimizers_and_sharding_add_up():
     assert "the scores are kept" in eager["formula"]["activations"]
     assert {f: TrainingSetup(weight_format=f).compute_dtype for f in ("fp32", "bf16", "int8", "nf4")} == {
         "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "nf4": torch.bfloat16}
-    assert TrainingSetup(gpu_bytes=10**8).gpu_bytes == 10**8  # the smallest GPU accepted
+    assert TrainingSetup(gpu_bytes=10**8).gpu_bytes == 10**8  # the smallest GPU accepted, and the largest
+    assert TrainingSetup(gpu_bytes=10**14).gpu_bytes == 10**14
+    with pytest.raises(ConfigError, match="batch must be an integer"):
+        TrainingSetup(batch=True)
+    assert sharded["total_per_gpu"] == 100_000_000 + 80_000_000 + 2_000 + 1_000_000
+    odd = plan_memory(0, 1_001, trace, dataclasses.replace(base, gpus=8, sharding="fsdp"))["trainable_states"]
+    assert odd == 1_001 * 16 // 8 and isinstance(odd, int)
+    assert "4-bit/8-bit" in plan_memory(0, 0, trace, dataclasses.replace(base, weight_format="nf4"))["formula"]["weights"]
+    assert "4-bit/8-bit" not in plan["formula"]["weights"]
     with pytest.raises(ConfigError, match="gpu_bytes must be an integer from 100,000,000"):
         TrainingSetup(gpu_bytes=10**8 - 1)
     without = plan_memory(500_000_000, 1_000, None, base)
@@ -205,6 +213,10 @@ def test_weight_formats_on_a_405b_shape():
     assert sizes["fp32"] == 4 * parameters and sizes["bf16"] == 2 * parameters
     assert sizes["nf4"] < sizes["int8"] < sizes["bf16"]
     assert 0.26 < sizes["nf4"] / sizes["bf16"] < 0.30  # half a byte a weight + scales, embeddings in bf16
+    linear = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head]
+    weights = sum(m.in_features * m.out_features for m in linear)
+    rows = sum(m.out_features for m in linear)
+    assert sizes["int8"] == weights + 4 * rows + 2 * (parameters - weights)  # a byte a weight, a scale a row
 
 
 def test_gpt2_conv1d_weights_are_quantised_in_the_plan():
