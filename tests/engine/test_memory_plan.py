@@ -192,6 +192,12 @@ def test_formats_optimizers_and_sharding_add_up():
         "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "nf4": torch.bfloat16}
     assert TrainingSetup(gpu_bytes=10**8).gpu_bytes == 10**8  # the smallest GPU accepted, and the largest
     assert TrainingSetup(gpu_bytes=10**14).gpu_bytes == 10**14
+    for field, value in (("gpu_bytes", 10**14 + 1), ("batch", 0), ("gpus", 0)):
+        with pytest.raises(ConfigError, match=f"{field} must be an integer"):
+            TrainingSetup(**{field: value})
+    assert TrainingSetup().describe() == "bf16 weights, adamw, batch 1 × 2048 tokens, flash attention"
+    parsed = "".join(["fs", "dp"])  # as a JSON body brings it: equal to the literal, not the same object
+    assert TrainingSetup(sharding=parsed, gpus=2).describe().endswith(", 2 GPUs FSDP")
     with pytest.raises(ConfigError, match="batch must be an integer"):
         TrainingSetup(batch=True)
     assert sharded["total_per_gpu"] == 100_000_000 + 80_000_000 + 2_000 + 1_000_000
