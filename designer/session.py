@@ -17,12 +17,7 @@ from designer.autosave import DeferredSave
 from designer.group import Group
 from designer.history import History, Shelf, Undoable
 from designer.payloads import MAX_GROUPS, PayloadError, check_match_work
-from designer.preview import (
-    UNFREEZE,
-    Previewer,
-    default_hyperparameters,
-    weight_format_named,
-)
+from designer.preview import UNFREEZE, Previewer, default_hyperparameters, weight_format_named
 from designer.state import LoadedBackbone
 from engine import (
     ConfigError,

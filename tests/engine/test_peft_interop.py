@@ -58,13 +58,18 @@ def _peft_trained(kind, config, tmp_path):
     peft_model = get_peft_model(tiny_model(kind, dtype=torch.float64), config)
     if isinstance(config, PromptTuningConfig):
         peft_model.prompt_encoder.double()
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    _perturb_trainable(peft_model, 0.05)
     peft_model.save_pretrained(tmp_path)
     return peft_model.eval()
+
+
+def _perturb_trainable(model, scale: float, seed: int = 5) -> None:
+    """Non-zero, seeded values for every trainable tensor (as training would leave them)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
 
 
 @pytest.mark.parametrize("kind, config", [
@@ -144,11 +149,7 @@ def test_rank_pattern_keys_follow_peft_s_rule_not_substrings(tmp_path):
     base = transformers.LlamaForCausalLM(config).to(torch.float64).eval()
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(
         r=2, target_modules=["q_proj"], rank_pattern={"1.self_attn.q_proj": 4}, alpha_pattern={"11.self_attn.q_proj": 3}))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in peft_model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    _perturb_trainable(peft_model, 0.3)
     peft_model.save_pretrained(tmp_path)
     model = copy.deepcopy(base)
     delta = import_peft(tmp_path, model)
